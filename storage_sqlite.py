@@ -1,0 +1,97 @@
+"""The sqlite backend of ocamlmq.py: queue messages in one table of an embedded database file.
+
+The broker (see the `MessageStore` docstring in ocamlmq.py for the whole storage contract) keeps
+unreceipted messages in an in-memory cache and hands them to the backend in batches; the backend
+only has to store rows, delete rows, find the next rows of a queue, and make all of that durable on
+`commit()`. Writes go into one open transaction; `commit()` ends it, and with WAL plus
+`synchronous=FULL` sqlite syncs the log to disk before returning, which is what a RECEIPT promises.
+
+Rows are ordered for delivery by `rank` (minus the priority, so that the highest priority comes
+first in ascending order), then by `id` (the broker hands out increasing ids, so older comes first).
+The index on (queue, rank), which sqlite extends with the rowid `id`, makes "the next N messages of
+queue Q after key K" one index range scan, however many queues and messages the table holds.
+"""
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id          INTEGER PRIMARY KEY,    -- the broker's message id, kept for the message's life
+    queue       TEXT NOT NULL,          -- queue name, without the /queue/ prefix
+    rank        INTEGER NOT NULL,       -- minus the priority: ascending rank is delivery order
+    ack_timeout REAL,                   -- seconds, or NULL to wait for the ACK as long as needed
+    headers     TEXT NOT NULL,          -- the client's own SEND headers, as JSON [[name, value], ...]
+    body        BLOB NOT NULL,
+    deliveries  INTEGER NOT NULL DEFAULT 0,  -- room to grow: poison-message handling
+    expires     REAL                    -- room to grow: message expiry (unix time)
+);
+CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, rank);
+"""
+
+INSERT = ("INSERT OR REPLACE INTO messages (id, queue, rank, ack_timeout, headers, body)"
+          " VALUES (?, ?, ?, ?, ?, ?)")
+FETCH = ("SELECT id, rank, ack_timeout, headers, body FROM messages"
+         " WHERE queue = ? AND (rank, id) > (?, ?) ORDER BY rank, id LIMIT ?")
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message is one line meant for the operator."""
+
+
+class SqliteBackend:
+    """Rows of queue messages in a sqlite file. Every method may raise StorageError."""
+
+    def __init__(self, path):
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            self.db.execute("BEGIN")
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot use sqlite database {path!r}: {e}") from None
+
+    def max_id(self):
+        """The highest message id stored, or 0."""
+        return self._run(lambda: self.db.execute("SELECT max(id) FROM messages").fetchone()[0] or 0)
+
+    def insert(self, rows):
+        """Store rows (id, queue, rank, ack_timeout, headers_json, body) in the open transaction."""
+        self._run(lambda: self.db.executemany(INSERT, rows))
+
+    def delete(self, ids):
+        """Delete the rows with these ids, in the open transaction."""
+        self._run(lambda: self.db.executemany("DELETE FROM messages WHERE id = ?",
+                                              [(i,) for i in ids]))
+
+    def commit(self):
+        """End the open transaction durably (synced to disk), then open the next one."""
+        def commit_and_begin():
+            self.db.execute("COMMIT")
+            self.db.execute("BEGIN")
+        self._run(commit_and_begin)
+
+    def fetch(self, queue, after, limit):
+        """Up to `limit` rows (id, rank, ack_timeout, headers_json, body) of `queue` whose
+        (rank, id) key is greater than `after`, in key order."""
+        rank, msg_id = after
+        return self._run(lambda: self.db.execute(FETCH, (queue, rank, msg_id, limit)).fetchall())
+
+    def count(self, queue):
+        """How many rows `queue` has."""
+        return self._run(lambda: self.db.execute(
+            "SELECT count(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0])
+
+    def close(self):
+        try:
+            self.db.execute("COMMIT")
+            self.db.close()
+        except sqlite3.Error as e:
+            raise StorageError(f"closing the sqlite database: {e}") from None
+
+    @staticmethod
+    def _run(operation):
+        try:
+            return operation()
+        except sqlite3.Error as e:
+            raise StorageError(f"sqlite: {e}") from None
