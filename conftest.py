@@ -1,0 +1,659 @@
+"""Test harness for ocamlmq.py: a real broker process and a raw STOMP client.
+
+The tests are black-box: every test starts the real broker (`python3 ocamlmq.py ...`) on a free
+127.0.0.1 port with a database in the test's tmp_path, and talks to it over sockets.
+
+- `Broker` starts/stops/kill -9s/restarts one broker process on one database and port. Its stderr
+  goes to a file in tmp_path, which is attached to the report of a failing test.
+- `Client` speaks raw STOMP: `send_frame` writes exact bytes, `recv` parses exact frames (first
+  header wins, content-length honoured, EOL heart-beats counted).  Frames that arrive while a test
+  waits for something else (e.g. a MESSAGE before an awaited RECEIPT) are kept in a backlog and
+  handed out by the next `recv`/`wait_for`, so tests do not depend on incidental interleaving.
+- The `broker` fixture is parametrized by `backend`; today only "sqlite".  A PostgreSQL backend is
+  added by extending BACKENDS and `Broker.storage_args`.
+"""
+
+import collections
+import itertools
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BROKER = os.path.join(HERE, "ocamlmq.py")
+HOST = "127.0.0.1"
+
+BACKENDS = ["sqlite"]
+
+START_TIMEOUT = 10.0   # seconds for the broker to accept connections
+STOP_TIMEOUT = 10.0    # seconds for SIGTERM to end it before SIGKILL
+RECV_TIMEOUT = 5.0     # default wait for an expected frame
+QUIET = 0.5            # how long "nothing arrives" is watched
+
+DEFAULT_FLAGS = {"-flush-period": "0.2"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (still always run)")
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args, timeout=15.0, cwd=HERE):
+    """Run the broker with `args` to completion (for CLI tests that expect it to exit)."""
+    return subprocess.run([sys.executable, BROKER, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# Broker process
+# --------------------------------------------------------------------------------------------
+
+class Broker:
+    """One broker process bound to one port and one database; restartable on both."""
+
+    def __init__(self, tmp_path, backend="sqlite", flags=(), name="broker", port=None):
+        self.tmp_path = tmp_path
+        self.backend = backend
+        self.flags = list(flags)
+        self.name = name
+        self.port = port or free_port()
+        self.db = str(tmp_path / f"{name}.db")
+        self.proc = None
+        self.runs = 0
+        self.returncodes = []
+        self.clients = []
+        self.stderr_paths = []
+
+    def storage_args(self):
+        if self.backend == "sqlite":
+            return [self.db]
+        raise NotImplementedError(f"backend {self.backend!r}")
+
+    def argv(self):
+        flags = list(self.flags)
+        for flag, value in DEFAULT_FLAGS.items():
+            if flag not in flags:
+                flags += [flag, value]
+        return [sys.executable, BROKER, "-port", str(self.port), *flags, *self.storage_args()]
+
+    def start(self):
+        assert self.proc is None or self.proc.poll() is not None, "broker already running"
+        self.runs += 1
+        err_path = self.tmp_path / f"{self.name}-run{self.runs}.stderr"
+        self.stderr_paths.append(err_path)
+        with open(err_path, "wb") as err, open(self.tmp_path / f"{self.name}-run{self.runs}.stdout", "wb") as out:
+            self.proc = subprocess.Popen(self.argv(), cwd=HERE, stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited with {self.proc.returncode} at start:\n"
+                                     f"{self.stderr()}")
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill9()
+                raise AssertionError(f"broker did not accept connections within "
+                                     f"{START_TIMEOUT}s:\n{self.stderr()}")
+            time.sleep(0.05)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def _signal_and_wait(self, sig):
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+                self.returncodes.append("timeout")
+                return "timeout"
+        rc = self.proc.returncode
+        self.returncodes.append(rc)
+        return rc
+
+    def stop(self, sig=signal.SIGTERM):
+        """Stop with SIGTERM (or `sig`); returns the exit code, or "timeout" if SIGKILL was needed."""
+        self.close_clients()
+        return self._signal_and_wait(sig)
+
+    def terminate(self, sig=signal.SIGTERM):
+        """Signal the broker while clients stay open; returns the exit code."""
+        return self._signal_and_wait(sig)
+
+    def kill9(self):
+        rc = self._signal_and_wait(signal.SIGKILL)
+        self.close_clients()
+        return rc
+
+    def restart(self):
+        rc = self.stop()
+        self.start()
+        return rc
+
+    def close_clients(self):
+        for c in self.clients:
+            c.close()
+        self.clients = []
+
+    def stderr(self, run=None):
+        paths = self.stderr_paths if run is None else [self.stderr_paths[run - 1]]
+        out = []
+        for p in paths:
+            try:
+                out.append(p.read_text(errors="replace"))
+            except OSError:
+                pass
+        return "".join(out)
+
+    # clients --------------------------------------------------------------------------------
+
+    def raw_client(self, timeout=RECV_TIMEOUT):
+        """A connected socket that has not sent CONNECT yet."""
+        c = Client(self.port, timeout=timeout)
+        self.clients.append(c)
+        return c
+
+    def client(self, version="1.2", **connect_kw):
+        """A client that has completed CONNECT/CONNECTED with `version` (None: no accept-version)."""
+        c = self.raw_client()
+        c.connect(version, **connect_kw)
+        return c
+
+
+# --------------------------------------------------------------------------------------------
+# Raw STOMP client
+# --------------------------------------------------------------------------------------------
+
+class Closed(Exception):
+    """The broker closed the connection."""
+
+
+class Frame:
+    __slots__ = ("command", "headers", "header_list", "body")
+
+    def __init__(self, command, header_list, body):
+        self.command = command
+        self.header_list = header_list
+        self.headers = {}
+        for k, v in header_list:
+            self.headers.setdefault(k, v)   # the first one wins
+        self.body = body
+
+    def __getitem__(self, key):
+        return self.headers[key]
+
+    def get(self, key, default=None):
+        return self.headers.get(key, default)
+
+    def __contains__(self, key):
+        return key in self.headers
+
+    def __repr__(self):
+        body = self.body if len(self.body) <= 80 else self.body[:80] + b"..."
+        return f"<{self.command} {self.header_list!r} {body!r}>"
+
+
+class ProtocolViolation(AssertionError):
+    pass
+
+
+def encode_frame(command, headers=(), body=b"", content_length=None, eol=b"\n"):
+    """Bytes of one frame; headers is a dict or a list of (name, value) pairs, written as given.
+    content_length: None -> added when the body is not empty; True/False force it; an int/str is
+    written as is."""
+    if isinstance(body, str):
+        body = body.encode()
+    if isinstance(headers, dict):
+        headers = list(headers.items())
+    else:
+        headers = list(headers)
+    if content_length is None:
+        content_length = bool(body)
+    if content_length is True:
+        headers.append(("content-length", str(len(body))))
+    elif content_length is not False:
+        headers.append(("content-length", str(content_length)))
+    out = [command.encode() if isinstance(command, str) else command, eol]
+    for k, v in headers:
+        k = k.encode() if isinstance(k, str) else k
+        v = v.encode() if isinstance(v, str) else str(v).encode() if not isinstance(v, bytes) else v
+        out += [k, b":", v, eol]
+    out += [eol, body, b"\x00"]
+    return b"".join(out)
+
+
+class Client:
+    _ids = itertools.count(1)
+
+    def __init__(self, port, timeout=RECV_TIMEOUT, host=HOST):
+        self.port = port
+        self.timeout = timeout
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = bytearray()
+        self.backlog = collections.deque()
+        self.heartbeats = 0          # EOLs received between frames
+        self.heartbeat_times = []
+        self.eof = False
+        self.version = None
+        self.connected = None
+        self.after_nul = []          # the byte after each frame's NUL, when seen
+        self._rid = itertools.count(1)
+        self._sid = itertools.count(1)
+        self.name = f"c{next(self._ids)}"
+
+    # --- bytes -------------------------------------------------------------------------------
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send_frame(self, command, headers=(), body=b"", content_length=None, eol=b"\n"):
+        self.send_raw(encode_frame(command, headers, body, content_length, eol))
+
+    def heartbeat(self):
+        self.send_raw(b"\n")
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def drop(self):
+        """Close abruptly with a TCP reset (no DISCONNECT, no FIN)."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.close()
+
+    def _fill(self, deadline):
+        """Read more bytes; raise Closed on EOF, TimeoutError at the deadline."""
+        if self.eof:
+            raise Closed()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError()
+        self.sock.settimeout(min(remaining, self.timeout if self.timeout else remaining))
+        try:
+            data = self.sock.recv(1 << 20)
+        except socket.timeout:
+            raise TimeoutError()
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            data = b""
+        if not data:
+            self.eof = True
+            raise Closed()
+        self.buf += data
+
+    def _parse(self):
+        """One complete frame from the buffer, or None if more bytes are needed."""
+        buf = self.buf
+        i = 0
+        n = len(buf)
+        while i < n:
+            if buf[i] == 0x0A:
+                i += 1
+            elif buf[i] == 0x0D and i + 1 < n and buf[i + 1] == 0x0A:
+                i += 2
+            else:
+                break
+            self.heartbeats += 1
+            self.heartbeat_times.append(time.monotonic())
+        if i:
+            if self.after_nul and self.after_nul[-1] is None:
+                self.after_nul[-1] = bytes(buf[:1])
+            del buf[:i]
+        if not buf:
+            return None
+        if self.after_nul and self.after_nul[-1] is None:
+            self.after_nul[-1] = bytes(buf[:1])
+        a = buf.find(b"\n\n")
+        b = buf.find(b"\n\r\n")
+        ends = [(p, sep) for p, sep in ((a, 2), (b, 3)) if p >= 0]
+        if not ends:
+            return None
+        pos, sep = min(ends)
+        lines = bytes(buf[:pos]).split(b"\n")
+        lines = [l[:-1] if l.endswith(b"\r") else l for l in lines]
+        command = lines[0].decode("utf-8", "replace")
+        header_list = []
+        for line in lines[1:]:
+            if b":" not in line:
+                raise ProtocolViolation(f"header line without colon from broker: {line!r}")
+            k, v = line.split(b":", 1)
+            header_list.append((k.decode("utf-8", "replace"), v.decode("utf-8", "replace")))
+        start = pos + sep
+        cl = None
+        for k, v in header_list:
+            if k == "content-length":
+                cl = int(v)
+                break
+        if cl is not None:
+            if len(buf) < start + cl + 1:
+                return None
+            if buf[start + cl] != 0:
+                raise ProtocolViolation(f"no NUL after content-length {cl} body: {bytes(buf[:start + cl + 1])[:200]!r}")
+            body = bytes(buf[start:start + cl])
+            end = start + cl + 1
+        else:
+            z = buf.find(b"\x00", start)
+            if z < 0:
+                return None
+            body = bytes(buf[start:z])
+            end = z + 1
+        del buf[:end]
+        self.after_nul.append(bytes(buf[:1]) if buf else None)
+        return Frame(command, header_list, body)
+
+    def _read_frame(self, deadline):
+        while True:
+            f = self._parse()
+            if f is not None:
+                return f
+            self._fill(deadline)
+
+    # --- frames ------------------------------------------------------------------------------
+
+    def recv(self, timeout=RECV_TIMEOUT):
+        """The next frame (backlog first). Raises TimeoutError or Closed."""
+        if self.backlog:
+            return self.backlog.popleft()
+        return self._read_frame(time.monotonic() + timeout)
+
+    def wait_for(self, pred, timeout=RECV_TIMEOUT, what="frame"):
+        """The first frame matching pred; other frames are kept for later.  An unexpected ERROR
+        or the connection closing fails the test with what was seen."""
+        for f in list(self.backlog):
+            if pred(f):
+                self.backlog.remove(f)
+                return f
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                f = self._read_frame(deadline)
+            except TimeoutError:
+                raise AssertionError(f"{self.name}: no {what} within {timeout}s; "
+                                     f"other frames: {list(self.backlog)!r}") from None
+            except Closed:
+                raise AssertionError(f"{self.name}: connection closed while waiting for {what}; "
+                                     f"other frames: {list(self.backlog)!r}") from None
+            if pred(f):
+                return f
+            if f.command == "ERROR":
+                raise AssertionError(f"{self.name}: ERROR while waiting for {what}: {f!r}")
+            self.backlog.append(f)
+
+    def expect(self, command, timeout=RECV_TIMEOUT):
+        return self.wait_for(lambda f: f.command == command, timeout, command)
+
+    def receipt(self, rid, timeout=RECV_TIMEOUT):
+        return self.wait_for(lambda f: f.command == "RECEIPT" and f.get("receipt-id") == rid,
+                             timeout, f"RECEIPT {rid}")
+
+    def message(self, timeout=RECV_TIMEOUT):
+        return self.expect("MESSAGE", timeout)
+
+    def try_message(self, timeout=0.1):
+        """A MESSAGE if one arrives within `timeout`, else None (an ERROR or close fails)."""
+        try:
+            return self.wait_for(lambda f: f.command == "MESSAGE", timeout, "MESSAGE")
+        except AssertionError as e:
+            if "no MESSAGE within" in str(e):
+                return None
+            raise
+
+    def messages(self, n, timeout=RECV_TIMEOUT):
+        return [self.message(timeout) for _ in range(n)]
+
+    def expect_nothing(self, quiet=QUIET):
+        """No frame arrives (heart-beats aside) for `quiet` seconds, and the backlog is empty."""
+        assert not self.backlog, f"{self.name}: unexpected frames {list(self.backlog)!r}"
+        try:
+            f = self._read_frame(time.monotonic() + quiet)
+        except TimeoutError:
+            return
+        except Closed:
+            raise AssertionError(f"{self.name}: connection closed unexpectedly") from None
+        raise AssertionError(f"{self.name}: unexpected frame {f!r}")
+
+    def expect_closed(self, timeout=RECV_TIMEOUT):
+        """Read until the broker closes the connection; return the frames read on the way."""
+        frames = list(self.backlog)
+        self.backlog.clear()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                frames.append(self._read_frame(deadline))
+            except Closed:
+                return frames
+            except TimeoutError:
+                raise AssertionError(f"{self.name}: connection still open after {timeout}s; "
+                                     f"frames: {frames!r}") from None
+
+    def expect_error(self, timeout=RECV_TIMEOUT):
+        """An ERROR frame followed by the connection closing; returns the ERROR."""
+        frames = self.expect_closed(timeout)
+        errors = [f for f in frames if f.command == "ERROR"]
+        assert errors, f"{self.name}: closed without ERROR; frames: {frames!r}"
+        return errors[0]
+
+    def is_closed(self, timeout=QUIET):
+        """True if the connection is closed within `timeout` (frames read are discarded)."""
+        try:
+            self.expect_closed(timeout)
+            return True
+        except AssertionError:
+            return False
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def next_receipt_id(self):
+        return f"{self.name}-r{next(self._rid)}"
+
+    def next_sub_id(self):
+        return f"{self.name}-s{next(self._sid)}"
+
+    @staticmethod
+    def _headers(headers, kw):
+        out = dict(headers or {})
+        for k, v in kw.items():
+            if v is not None:
+                out[k.replace("_", "-")] = str(v)
+        return out
+
+    def hello(self, version="1.2", command="CONNECT", heart_beat=None, headers=None, **kw):
+        """Send CONNECT (or STOMP) and return the broker's answer frame."""
+        h = {}
+        if version is not None:
+            h["accept-version"] = version
+        h["host"] = "localhost"
+        if heart_beat is not None:
+            h["heart-beat"] = heart_beat
+        h.update(self._headers(headers, kw))
+        self.send_frame(command, h)
+        return self.recv()
+
+    def connect(self, version="1.2", **kw):
+        f = self.hello(version, **kw)
+        assert f.command == "CONNECTED", f"expected CONNECTED, got {f!r}"
+        self.connected = f
+        self.version = f.get("version", "1.0")
+        return f
+
+    def send(self, destination, body=b"", receipt=True, headers=None, content_length=None, **kw):
+        """SEND; with receipt=True waits for and returns the RECEIPT."""
+        h = {"destination": destination}
+        rid = None
+        if receipt:
+            rid = receipt if isinstance(receipt, str) else self.next_receipt_id()
+            h["receipt"] = rid
+        h.update(self._headers(headers, kw))
+        self.send_frame("SEND", h, body, content_length)
+        return self.receipt(rid) if rid else None
+
+    def subscribe(self, destination, id=True, ack="auto", receipt=True, headers=None, **kw):
+        """SUBSCRIBE; returns the subscription id (id=True: a fresh one, None: no id header)."""
+        h = {"destination": destination}
+        if id is True:
+            id = self.next_sub_id()
+        if id is not None:
+            h["id"] = id
+        if ack is not None:
+            h["ack"] = ack
+        rid = None
+        if receipt:
+            rid = self.next_receipt_id()
+            h["receipt"] = rid
+        h.update(self._headers(headers, kw))
+        self.send_frame("SUBSCRIBE", h)
+        if rid:
+            self.receipt(rid)
+        return id
+
+    def unsubscribe(self, id=None, destination=None, receipt=True, **kw):
+        h = {}
+        if id is not None:
+            h["id"] = id
+        if destination is not None:
+            h["destination"] = destination
+        return self._simple("UNSUBSCRIBE", h, receipt, kw)
+
+    def _simple(self, command, h, receipt, kw, headers=None):
+        rid = None
+        if receipt:
+            rid = receipt if isinstance(receipt, str) else self.next_receipt_id()
+            h["receipt"] = rid
+        h.update(self._headers(headers, kw))
+        self.send_frame(command, h)
+        return self.receipt(rid) if rid else None
+
+    def _ack_headers(self, msg, by):
+        if by is None:
+            by = "id" if self.version == "1.2" else "message-id"
+        h = {}
+        if by == "id":
+            h["id"] = msg["ack"] if "ack" in msg else msg["message-id"]
+        elif by == "message-id":
+            h["message-id"] = msg["message-id"]
+            if "subscription" in msg:
+                h["subscription"] = msg["subscription"]
+        else:
+            raise ValueError(by)
+        return h
+
+    def ack(self, msg, receipt=True, by=None, **kw):
+        """ACK a MESSAGE frame the way this client's version does it (by='id'/'message-id' forces)."""
+        return self._simple("ACK", self._ack_headers(msg, by), receipt, kw)
+
+    def nack(self, msg, receipt=True, by=None, **kw):
+        return self._simple("NACK", self._ack_headers(msg, by), receipt, kw)
+
+    def begin(self, tx, receipt=True):
+        return self._simple("BEGIN", {"transaction": tx}, receipt, {})
+
+    def commit(self, tx, receipt=True):
+        return self._simple("COMMIT", {"transaction": tx}, receipt, {})
+
+    def abort(self, tx, receipt=True):
+        return self._simple("ABORT", {"transaction": tx}, receipt, {})
+
+    def disconnect(self, receipt=True):
+        """DISCONNECT; with a receipt, waits for the RECEIPT and the close."""
+        h = {}
+        rid = None
+        if receipt:
+            rid = self.next_receipt_id()
+            h["receipt"] = rid
+        self.send_frame("DISCONNECT", h)
+        if rid:
+            r = self.receipt(rid)
+            self.expect_closed()
+            return r
+        return None
+
+    def count_msgs(self, queue_name):
+        r = self.send(f"/control/count-msgs/queue/{queue_name}")
+        assert "num-messages" in r, f"no num-messages on {r!r}"
+        return int(r["num-messages"])
+
+    def count_subscribers(self, destination):
+        """destination: '/queue/NAME' or '/topic/NAME'."""
+        r = self.send(f"/control/count-subscribers{destination}")
+        assert "num-subscribers" in r, f"no num-subscribers on {r!r}"
+        return int(r["num-subscribers"])
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def start_broker(tmp_path, backend, request):
+    """Factory: start_broker("-flag", "value", ...) -> a running Broker; all are stopped at teardown."""
+    brokers = []
+    request.node._ocamlmq_brokers = brokers
+
+    def start(*flags, name=None, port=None):
+        b = Broker(tmp_path, backend, flags, name=name or f"broker{len(brokers) + 1}", port=port)
+        brokers.append(b)
+        return b.start()
+
+    yield start
+    tracebacks = []
+    for b in brokers:
+        b.stop()
+        if "Traceback" in b.stderr():
+            tracebacks.append(b)
+    if tracebacks:
+        pytest.fail("broker wrote a traceback to stderr:\n" + tracebacks[0].stderr()[-3000:],
+                    pytrace=False)
+
+
+@pytest.fixture
+def broker(start_broker):
+    return start_broker()
+
+
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def qname(request):
+    """A destination name unique to this test (without /queue/ or /topic/)."""
+    return f"t{next(_names)}_{request.node.name[:40]}".replace("[", "_").replace("]", "").replace("-", "_")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for b in getattr(item, "_ocamlmq_brokers", []):
+            text = b.stderr()
+            if text:
+                rep.sections.append((f"{b.name} stderr ({b.argv()[2:]})", text[-4000:]))
