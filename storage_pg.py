@@ -1,0 +1,243 @@
+"""The PostgreSQL backend of ocamlmq.py (`-pg CONNINFO`): queue messages in one table of a server.
+
+It is the sqlite backend's twin (same rows, same methods, same ordering; see the `MessageStore`
+docstring in ocamlmq.py for the whole storage contract), for users who want the messages on a
+database server. Writes go into one open transaction; `commit()` ends it with COMMIT under
+`synchronous_commit = on`, so the server has flushed its WAL to disk before the call returns,
+which is what a RECEIPT promises. Inserts are multi-row statements and a batch of deletes is one
+`DELETE ... WHERE id = ANY(...)`, so a flush costs a few round trips however many rows it holds.
+
+Delivery order is `rank` (minus the priority), then `id`; the index on (queue, rank, id) makes
+"the next N messages of queue Q after key K" one index range scan through the row comparison
+`(rank, id) > (K)`.
+
+Outages: when the connection is lost, the failing call raises StorageError and the backend drops
+the connection; the next call tries once to reconnect (connect_timeout 2 s unless the conninfo sets
+one; after a failed try, calls within `reconnect_interval` seconds fail at once without a try).
+Whatever the open transaction held is gone with the connection, so after any StorageError the
+caller must assume its uncommitted inserts and deletes were lost and redo them; `insert` is
+idempotent (INSERT ... ON CONFLICT (id) DO UPDATE) so a batch may be written twice, e.g. when
+the connection died while COMMIT was in flight.
+"""
+
+import os
+import time
+
+try:
+    import psycopg2
+    import psycopg2.extensions
+    import psycopg2.extras
+except ImportError:  # reported by PgBackend() as a one-line StorageError
+    psycopg2 = None
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id          bigint PRIMARY KEY,     -- the broker's message id, kept for the message's life
+    queue       text NOT NULL,          -- queue name, without the /queue/ prefix
+    rank        bigint NOT NULL,        -- minus the priority: ascending rank is delivery order
+    ack_timeout double precision,       -- seconds, or NULL to wait for the ACK as long as needed
+    headers     text NOT NULL,          -- the client's own SEND headers, as JSON [[name, value], ...]
+    body        bytea NOT NULL,
+    deliveries  integer NOT NULL DEFAULT 0,  -- room to grow: poison-message handling
+    expires     double precision        -- room to grow: message expiry (unix time)
+);
+CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, rank, id);
+"""
+
+INSERT = ("INSERT INTO messages (id, queue, rank, ack_timeout, headers, body) VALUES %s"
+          " ON CONFLICT (id) DO UPDATE SET queue = EXCLUDED.queue, rank = EXCLUDED.rank,"
+          " ack_timeout = EXCLUDED.ack_timeout, headers = EXCLUDED.headers, body = EXCLUDED.body")
+FETCH = ("SELECT id, rank, ack_timeout, headers, body FROM messages"
+         " WHERE queue = %s AND (rank, id) > (%s, %s) ORDER BY rank, id LIMIT %s")
+
+INSERT_BATCH_ROWS = 1000            # rows per INSERT statement
+INSERT_BATCH_BYTES = 8 << 20        # and about this many bytes of headers and bodies
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message is one line meant for the operator."""
+
+
+def _one_line(error):
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _bigint(value):
+    """A key component as a bigint literal: -inf/+inf and out-of-range values are clamped."""
+    if value is None or value == float("-inf"):
+        return INT64_MIN
+    if value == float("inf"):
+        return INT64_MAX
+    return max(INT64_MIN, min(INT64_MAX, int(value)))
+
+
+class PgBackend:
+    """Rows of queue messages in a PostgreSQL table. Every method may raise StorageError."""
+
+    def __init__(self, conninfo, reconnect_interval=1.0):
+        if psycopg2 is None:
+            raise StorageError("cannot use PostgreSQL: the psycopg2 module is not installed"
+                               " (pip install psycopg2-binary)")
+        self.conninfo = conninfo
+        self.reconnect_interval = reconnect_interval
+        self.conn = None
+        self.closed = False
+        self.last_attempt = None    # monotonic time of the last failed reconnection, or None
+        try:
+            self.options = self._options(conninfo)
+            self._connect()
+            self._create_schema()
+        except psycopg2.Error as e:
+            self._drop()
+            raise StorageError(f"cannot connect to PostgreSQL: {_one_line(e)}") from None
+
+    @property
+    def broken(self):
+        """True between a lost connection and the next successful reconnection."""
+        return self.conn is None and not self.closed
+
+    def max_id(self):
+        """The highest message id stored, or 0."""
+        return self._run(lambda cur: (cur.execute("SELECT coalesce(max(id), 0) FROM messages"),
+                                      cur.fetchone()[0])[1])
+
+    def insert(self, rows):
+        """Store rows (id, queue, rank, ack_timeout, headers_json, body) in the open transaction;
+        a row whose id is stored already replaces it."""
+        latest = {}                 # one row per id: ON CONFLICT DO UPDATE must not meet an id twice
+        for row in rows:
+            latest[row[0]] = row
+        if not latest:
+            return
+
+        def insert_batches(cur):
+            batch, size = [], 0
+            for row in latest.values():
+                batch.append(row)
+                size += len(row[4]) + len(row[5])
+                if len(batch) >= INSERT_BATCH_ROWS or size >= INSERT_BATCH_BYTES:
+                    psycopg2.extras.execute_values(cur, INSERT, batch, page_size=len(batch))
+                    batch, size = [], 0
+            if batch:
+                psycopg2.extras.execute_values(cur, INSERT, batch, page_size=len(batch))
+        self._run(insert_batches)
+
+    def delete(self, ids):
+        """Delete the rows with these ids, in the open transaction (one statement)."""
+        ids = list(ids)
+        if ids:
+            self._run(lambda cur: cur.execute(
+                "DELETE FROM messages WHERE id = ANY(%s::bigint[])", (ids,)))
+
+    def commit(self):
+        """End the open transaction durably (the server has synced it), then open the next one
+        (implicitly, with the next statement)."""
+        self._run(lambda cur: self.conn.commit())
+
+    def fetch(self, queue, after, limit):
+        """Up to `limit` rows (id, rank, ack_timeout, headers_json, body) of `queue` whose
+        (rank, id) key is greater than `after`, in key order; sees the open transaction."""
+        rank, msg_id = after
+
+        def fetch_rows(cur):
+            cur.execute(FETCH, (queue, _bigint(rank), _bigint(msg_id), limit))
+            return [(i, r, a, h, bytes(b)) for i, r, a, h, b in cur.fetchall()]
+        return self._run(fetch_rows)
+
+    def count(self, queue):
+        """How many rows `queue` has."""
+        return self._run(lambda cur: (cur.execute(
+            "SELECT count(*) FROM messages WHERE queue = %s", (queue,)), cur.fetchone()[0])[1])
+
+    def close(self):
+        """Commit what is pending and disconnect; a broken backend just forgets its state."""
+        conn, self.conn, self.closed = self.conn, None, True
+        if conn is None:
+            return
+        try:
+            conn.commit()
+        except psycopg2.Error as e:
+            raise StorageError(f"closing the PostgreSQL connection: {_one_line(e)}") from None
+        finally:
+            conn.close()
+
+    # -- connection handling ------------------------------------------------------------------
+
+    @staticmethod
+    def _options(conninfo):
+        """Connection keywords added to `conninfo` unless it (or PG* variables) sets them: a short
+        connect timeout and TCP keepalives, so that a dead server never blocks the broker long."""
+        given = psycopg2.extensions.parse_dsn(conninfo)
+        defaults = {"connect_timeout": ("PGCONNECT_TIMEOUT", 2),
+                    "application_name": ("PGAPPNAME", "ocamlmq"),
+                    "keepalives_idle": (None, 10),
+                    "keepalives_interval": (None, 5),
+                    "keepalives_count": (None, 3)}
+        if psycopg2.extensions.libpq_version() >= 120000:
+            defaults["tcp_user_timeout"] = (None, 20000)   # ms of unacknowledged data
+        return {key: value for key, (env, value) in defaults.items()
+                if key not in given and not (env and os.environ.get(env))}
+
+    def _connect(self):
+        conn = psycopg2.connect(self.conninfo, **self.options)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET synchronous_commit = on")   # COMMIT returns once WAL is synced
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def _create_schema(self):
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('messages') IS NOT NULL"
+                        " AND to_regclass('messages_by_queue') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                # Serialise with other brokers creating the schema at the same moment.
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext('ocamlmq schema'))")
+                cur.execute(SCHEMA)
+        self.conn.commit()
+
+    def _drop(self):
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg2.Error:
+                pass
+
+    def _reconnect(self):
+        if self.closed:
+            raise StorageError("the PostgreSQL backend is closed")
+        now = time.monotonic()
+        if self.last_attempt is not None and now - self.last_attempt < self.reconnect_interval:
+            raise StorageError("PostgreSQL is unavailable (will retry shortly)")
+        try:
+            self._connect()
+        except psycopg2.Error as e:
+            self.last_attempt = time.monotonic()
+            raise StorageError(f"cannot reconnect to PostgreSQL: {_one_line(e)}") from None
+        self.last_attempt = None
+
+    def _run(self, operation):
+        """operation(cursor) on the connection, reconnecting first if the last call lost it;
+        every psycopg2 error becomes StorageError, and a lost connection is dropped."""
+        if self.conn is None:
+            self._reconnect()
+        try:
+            with self.conn.cursor() as cur:
+                return operation(cur)
+        except psycopg2.Error as e:
+            lost = isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            if not lost and not self.conn.closed:
+                try:
+                    self.conn.rollback()    # the transaction is aborted: nothing of it is kept
+                except psycopg2.Error:
+                    lost = True
+            if lost or self.conn.closed:
+                self._drop()
+                raise StorageError(f"PostgreSQL connection lost: {_one_line(e)}") from None
+            raise StorageError(f"PostgreSQL: {_one_line(e)}") from None
