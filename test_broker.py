@@ -1,0 +1,1156 @@
+"""Black-box tests of ocamlmq.py against SPEC.md, one section per SPEC section (§2-§9).
+
+Every test starts the real broker process (see conftest.py) and speaks raw STOMP over a socket,
+so the assertions are about exact wire behaviour.  Destinations are named per test (`qname`).
+"""
+
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import HOST, QUIET, encode_frame, free_port, run_cli
+
+
+def collect(clients, n, timeout=5.0):
+    """Gather n MESSAGE frames from any of `clients`; returns [(client, frame)] in arrival order."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"only {len(got)} of {n} messages arrived: {got!r}"
+        for c in clients:
+            m = c.try_message(0.05)
+            if m is not None:
+                got.append((c, m))
+    return got
+
+
+def wait_until(fn, timeout=5.0, interval=0.05):
+    """Poll fn() until it returns a true value (returned) or time runs out (returns the last)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(interval)
+
+
+def barrier(c):
+    """Frames are handled in order: once this topic SEND's RECEIPT is back, every earlier frame of
+    this connection has been handled."""
+    c.send("/topic/barrier-for-tests")
+
+
+# ============================================================================================
+# §2 Command line
+# ============================================================================================
+
+ALL_FLAGS = ["-port", "-address", "-login", "-passcode", "-maxmsgs", "-flush-period",
+             "-max-prefetch", "-max-frame-size", "-max-pending", "-pg", "-debug", "-help"]
+
+
+@pytest.mark.parametrize("flag", ["-help", "--help"])
+def test_help_prints_usage_listing_every_flag_and_exits_0(flag):
+    r = run_cli([flag])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    missing = [f for f in ALL_FLAGS if f not in out]
+    assert not missing, f"usage does not list {missing}:\n{out}"
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("args", [
+    ["-bogus"],
+    ["-port", "abc"],
+    ["-flush-period", "soon"],
+    ["-maxmsgs", "many"],
+    ["-max-prefetch", "x"],
+    ["-max-frame-size", "big"],
+    ["-max-pending", "1.5x"],
+], ids=lambda a: " ".join(a))
+def test_bad_flag_or_value_prints_error_and_usage_and_exits_2(args, tmp_path):
+    r = run_cli(["-port", str(free_port()), *args, str(tmp_path / "x.db")], timeout=10)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert any(a in r.stderr for a in args), f"error does not name {args}:\n{r.stderr}"
+    assert "-flush-period" in r.stderr and "-max-prefetch" in r.stderr, \
+        f"no usage on stderr:\n{r.stderr}"
+
+
+def test_flag_missing_its_value_exits_2(tmp_path):
+    r = run_cli(["-port", str(free_port()), "-maxmsgs"], timeout=10)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def _one_line_error(r):
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, f"expected a one-line error, got:\n{r.stderr}"
+
+
+def test_port_in_use_is_a_one_line_error_and_exit_1(tmp_path):
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli(["-port", str(port), str(tmp_path / "x.db")], timeout=10)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    _one_line_error(r)
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing-parent", "not-a-database"])
+def test_unusable_database_is_a_one_line_error_and_exit_1(tmp_path, kind):
+    if kind == "directory":
+        path = tmp_path
+    elif kind == "missing-parent":
+        path = tmp_path / "no" / "such" / "dir" / "x.db"
+    else:
+        path = tmp_path / "garbage.db"
+        path.write_bytes(b"this is not an sqlite database, just some text\n" * 200)
+    r = run_cli(["-port", str(free_port()), str(path)], timeout=10)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    _one_line_error(r)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_the_broker_with_exit_0(broker, sig, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/queue/{qname}", "x")
+    assert broker.terminate(sig) == 0, broker.stderr()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_flushes_unreceipted_messages_to_disk(start_broker, qname, sig):
+    b = start_broker("-flush-period", "600")
+    c = b.client()
+    for i in range(5):
+        c.send(f"/queue/{qname}", f"m{i}", receipt=False)
+    barrier(c)
+    assert b.terminate(sig) == 0, b.stderr()
+    b.close_clients()
+    b.start()
+    c = b.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    assert [m.body for m in c.messages(5)] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+
+
+def test_restart_on_the_same_port_right_after_stop_works(broker, qname):
+    c1 = broker.client()
+    c2 = broker.client("1.0")
+    c1.subscribe(f"/queue/{qname}", ack="client")
+    c2.send(f"/queue/{qname}", "x")
+    c1.message()
+    assert broker.terminate() == 0, broker.stderr()   # connections still open on our side
+    broker.start()                                      # same port
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    assert c.message().body == b"x"
+
+
+def test_open_connections_are_closed_on_sigterm(broker):
+    c = broker.client()
+    assert broker.terminate() == 0
+    c.expect_closed()
+
+
+# ============================================================================================
+# §3 Wire protocol
+# ============================================================================================
+
+# --- version negotiation, CONNECT/CONNECTED -----------------------------------------------
+
+@pytest.mark.parametrize("accept,expected", [
+    (None, "1.0"), ("1.0", "1.0"), ("1.1", "1.1"), ("1.2", "1.2"),
+    ("1.0,1.1,1.2", "1.2"), ("1.0,1.1", "1.1"), ("1.1,3.0", "1.1"), ("1.2,1.0", "1.2"),
+])
+def test_version_is_negotiated_from_accept_version(broker, accept, expected):
+    f = broker.raw_client().hello(accept)
+    assert f.command == "CONNECTED", f
+    assert f["version"] == expected
+
+
+def test_no_common_version_is_an_error_listing_supported_versions(broker):
+    c = broker.raw_client()
+    c.hello("2.0,3.1")
+    err = c.expect_error()
+    assert "version" in err, err
+    assert set(err["version"].split(",")) >= {"1.0", "1.1", "1.2"}, err
+
+
+@pytest.mark.parametrize("command", ["CONNECT", "STOMP"])
+def test_stomp_command_is_the_same_as_connect(broker, command, qname):
+    c = broker.raw_client()
+    f = c.hello("1.2", command=command)
+    assert f.command == "CONNECTED", f
+    c.version = "1.2"
+    c.send(f"/queue/{qname}", "x")
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+def test_connected_carries_version_session_server_and_heart_beat(broker, version):
+    f = broker.raw_client().hello(version)
+    assert f.command == "CONNECTED", f
+    assert f["version"] == version
+    assert f.get("session"), f
+    assert f.get("server"), f
+    if version != "1.0":
+        assert "heart-beat" in f, f
+    assert "content-length" not in f, f
+    assert f.body == b""
+
+
+def test_any_host_value_is_accepted(broker):
+    f = broker.raw_client().hello("1.2", headers={"host": "some.virtual.host"})
+    assert f.command == "CONNECTED", f
+
+
+def test_sessions_are_distinct(broker):
+    a = broker.client()
+    b = broker.client()
+    assert a.connected["session"] != b.connected["session"]
+
+
+def test_receipt_on_connect_is_ignored(broker):
+    c = broker.raw_client()
+    f = c.hello("1.2", receipt="r-connect")
+    assert f.command == "CONNECTED", f
+    c.expect_nothing()
+
+
+# --- framing ---------------------------------------------------------------------------------
+
+def test_extra_eols_between_frames_are_accepted(broker, qname):
+    c = broker.raw_client()
+    c.send_raw(b"\n\r\n\n" + encode_frame("CONNECT", {"accept-version": "1.2", "host": "h"}))
+    assert c.recv().command == "CONNECTED"
+    c.send_raw(b"\n\n\r\n\r\n" + encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": "a"}, "1")
+               + b"\n\n\n" + encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": "b"}, "2")
+               + b"\r\n")
+    c.receipt("a")
+    c.receipt("b")
+    assert c.count_msgs(qname) == 2
+
+
+def test_crlf_line_endings_are_accepted(broker, qname):
+    c = broker.raw_client()
+    c.send_frame("CONNECT", {"accept-version": "1.2", "host": "h"}, eol=b"\r\n")
+    assert c.recv().command == "CONNECTED"
+    c.version = "1.2"
+    c.send_frame("SUBSCRIBE", {"destination": f"/queue/{qname}", "id": "s1", "receipt": "r1"},
+                 eol=b"\r\n")
+    c.receipt("r1")
+    c.send_frame("SEND", {"destination": f"/queue/{qname}", "x-h": "v", "receipt": "r2"}, b"body",
+                 content_length=False, eol=b"\r\n")
+    c.receipt("r2")
+    m = c.message()
+    assert m["destination"] == f"/queue/{qname}"
+    assert m["x-h"] == "v"
+    assert m["subscription"] == "s1"
+    assert m.body == b"body"
+
+
+def test_content_length_is_honoured_so_bodies_may_contain_nul(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    body = b"a\x00b\x00\x00c\n\x00"
+    c.send(f"/queue/{qname}", body, content_length=True)
+    m = c.message()
+    assert m.body == body
+    assert m["content-length"] == str(len(body))
+
+
+def test_body_without_content_length_ends_at_nul(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/queue/{qname}", b"hello world", content_length=False)
+    m = c.message()
+    assert m.body == b"hello world"
+    assert m["content-length"] == "11"
+
+
+def test_a_frame_arriving_one_byte_at_a_time_is_handled(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    data = encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": "rb"}, b"piece\x00wise")
+    for i in range(len(data)):
+        c.send_raw(data[i:i + 1])
+        time.sleep(0.002)
+    c.receipt("rb")
+    assert c.message().body == b"piece\x00wise"
+
+
+def test_repeated_header_first_one_wins(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}a")
+    c.subscribe(f"/queue/{qname}b")
+    c.send_frame("SEND", [("destination", f"/queue/{qname}a"), ("destination", f"/queue/{qname}b"),
+                          ("x-rep", "first"), ("x-rep", "second"), ("receipt", "r1")], b"x")
+    c.receipt("r1")
+    m = c.message()
+    assert m["destination"] == f"/queue/{qname}a"
+    assert m["x-rep"] == "first"
+    assert c.count_msgs(qname + "b") == 0
+
+
+def test_header_names_are_case_sensitive(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/queue/{qname}", "x", headers={"X-Case": "upper", "x-case": "lower"})
+    m = c.message()
+    assert m["X-Case"] == "upper"
+    assert m["x-case"] == "lower"
+
+
+def test_stomp_1_0_header_values_are_stripped(broker, qname):
+    sub = broker.client()
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client("1.0")
+    c.send_raw(f"SEND\ndestination:  /queue/{qname}  \nx-pad:  v  \nreceipt: r1\n\nhi\x00".encode())
+    c.receipt("r1")
+    m = sub.message()
+    assert m["destination"] == f"/queue/{qname}"
+    assert m["x-pad"] == "v"
+
+
+def test_stomp_1_2_header_values_are_taken_as_is(broker, qname):
+    sub = broker.client()
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client("1.2")
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-pad:  v  \nreceipt:r1\n\nhi\x00".encode())
+    c.receipt("r1")
+    assert sub.message()["x-pad"] == "  v  "
+
+
+def test_stomp_1_1_destination_with_a_leading_blank_is_not_trimmed(broker, qname):
+    c = broker.client("1.1")
+    c.send_raw(f"SEND\ndestination: /queue/{qname}\nreceipt:r1\n\nhi\x00".encode())
+    err = c.expect_error()
+    assert err.get("receipt-id") == "r1"
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
+def test_escapes_are_decoded_on_input_and_encoded_on_message(broker, qname, version):
+    sub = broker.client(version)
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client(version)
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-esc:a\\cb\\nc\\\\d\nx\\cname:v\nreceipt:r1\n\n\x00"
+               .encode())
+    c.receipt("r1")
+    m = sub.message()
+    assert m["x-esc"] == "a\\cb\\nc\\\\d", m
+    assert m["x\\cname"] == "v", m
+
+
+def test_escaped_cr_is_decoded_and_encoded_in_1_2(broker, qname):
+    sub = broker.client("1.2")
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client("1.2")
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-cr:a\\rb\nreceipt:r1\n\n\x00".encode())
+    c.receipt("r1")
+    assert sub.message()["x-cr"] == "a\\rb"
+
+
+def test_escapes_are_decoded_before_delivery_to_a_1_0_subscriber(broker, qname):
+    sub = broker.client("1.0")
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client("1.2")
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-esc:a\\cb\\\\c\nreceipt:r1\n\n\x00".encode())
+    c.receipt("r1")
+    assert sub.message()["x-esc"] == "a:b\\c"
+
+
+def test_stomp_1_0_backslashes_are_literal_and_escaped_for_a_1_2_subscriber(broker, qname):
+    sub = broker.client("1.2")
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client("1.0")
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-lit:a\\cb\nreceipt:r1\n\n\x00".encode())
+    c.receipt("r1")
+    assert sub.message()["x-lit"] == "a\\\\cb"
+
+
+def test_escaped_destination_is_decoded(broker, qname):
+    sub = broker.client("1.0")
+    sub.subscribe(f"/queue/{qname}:x")
+    c = broker.client("1.2")
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\\cx\nreceipt:r1\n\nhi\x00".encode())
+    c.receipt("r1")
+    assert sub.message()["destination"] == f"/queue/{qname}:x"
+
+
+# --- heart-beats -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
+@pytest.mark.parametrize("client_hb,server_hb", [
+    ("0,0", "0,0"),
+    ("1000,2000", "2000,1000"),
+    ("0,500", "500,0"),
+    ("700,0", "0,700"),
+    ("50,30", "100,100"),
+    ("0,1", "100,0"),
+])
+def test_heart_beat_negotiation(broker, version, client_hb, server_hb):
+    f = broker.raw_client().hello(version, heart_beat=client_hb)
+    assert f.command == "CONNECTED", f
+    assert f["heart-beat"] == server_hb
+
+
+def test_no_client_heart_beat_header_means_no_heart_beats(broker):
+    f = broker.raw_client().hello("1.2")
+    assert f["heart-beat"] == "0,0"
+
+
+def test_broker_sends_eols_at_its_interval_when_idle(broker):
+    c = broker.client("1.2", heart_beat="0,200")
+    assert c.connected["heart-beat"] == "200,0"
+    time.sleep(1.5)
+    c.expect_nothing(0.1)
+    assert c.heartbeats >= 3, c.heartbeats
+
+
+def test_broker_sends_no_eols_when_heart_beats_are_off(broker):
+    c = broker.client("1.2", heart_beat="0,0")
+    c.expect_nothing(1.0)
+    assert c.heartbeats == 0
+
+
+def test_broker_closes_a_connection_silent_for_twice_the_client_interval(broker):
+    c = broker.client("1.2", heart_beat="200,0")
+    c.expect_closed(timeout=3.0)
+
+
+def test_broker_keeps_a_heart_beating_connection_open(broker, qname):
+    c = broker.client("1.2", heart_beat="200,0")
+    for _ in range(15):
+        c.heartbeat()
+        time.sleep(0.1)
+    c.send(f"/queue/{qname}", "still here")
+
+
+def test_frames_count_as_heart_beats(broker, qname):
+    c = broker.client("1.2", heart_beat="200,0")
+    for _ in range(8):
+        c.send(f"/topic/{qname}", "x")
+        time.sleep(0.15)
+    c.send(f"/queue/{qname}", "still here")
+
+
+def test_stomp_1_0_connection_has_no_heart_beats(broker):
+    c = broker.client("1.0", heart_beat="100,100")
+    c.expect_nothing(1.0)
+    assert c.heartbeats == 0
+    c.send("/topic/x", "still open")
+
+
+# --- receipts ------------------------------------------------------------------------------------
+
+def _frames_for_receipt(qname):
+    """One client frame of each kind (after CONNECT), each needing a receipt."""
+    q = f"/queue/{qname}"
+    return [
+        ("SUBSCRIBE", {"destination": q, "id": "s1", "ack": "client"}),
+        ("SEND", {"destination": q}),
+        ("SEND", {"destination": f"/topic/{qname}"}),
+        ("SEND", {"destination": f"/control/count-msgs/queue/{qname}"}),
+        ("ACK", {"id": "no-such-message", "message-id": "no-such-message", "subscription": "s1"}),
+        ("NACK", {"id": "no-such-message", "message-id": "no-such-message", "subscription": "s1"}),
+        ("BEGIN", {"transaction": "tx1"}),
+        ("SEND", {"destination": q, "transaction": "tx1"}),
+        ("COMMIT", {"transaction": "tx1"}),
+        ("BEGIN", {"transaction": "tx2"}),
+        ("ABORT", {"transaction": "tx2"}),
+        ("UNSUBSCRIBE", {"id": "s1"}),
+    ]
+
+
+@pytest.mark.parametrize("index", range(12), ids=lambda i: f"{i}-" + _frames_for_receipt("q")[i][0])
+def test_every_frame_with_a_receipt_gets_a_receipt(broker, qname, index):
+    c = broker.client("1.2")
+    frames = _frames_for_receipt(qname)
+    for i, (command, headers) in enumerate(frames[:index + 1]):
+        c.send_frame(command, {**headers, "receipt": f"rcpt-{i}"})
+    r = c.receipt(f"rcpt-{index}")
+    assert "content-length" not in r, r
+    assert r.body == b""
+
+
+def test_disconnect_with_receipt_gets_receipt_then_close(broker):
+    c = broker.client()
+    c.send_frame("DISCONNECT", {"receipt": "bye"})
+    frames = c.expect_closed()
+    assert [f.command for f in frames] == ["RECEIPT"], frames
+    assert frames[0]["receipt-id"] == "bye"
+
+
+def test_disconnect_without_receipt_closes(broker):
+    c = broker.client()
+    c.send_frame("DISCONNECT", {})
+    assert c.expect_closed() == []
+
+
+def test_receipts_come_in_the_order_of_the_frames(broker, qname):
+    c = broker.client()
+    data = b""
+    ids = []
+    for i in range(40):
+        kind = i % 4
+        rid = f"o{i}"
+        ids.append(rid)
+        if kind == 0:
+            h = {"destination": f"/queue/{qname}", "receipt": rid}   # waits for a disk sync
+        elif kind == 1:
+            h = {"destination": f"/topic/{qname}", "receipt": rid}
+        elif kind == 2:
+            h = {"destination": f"/control/count-msgs/queue/{qname}", "receipt": rid}
+        else:
+            data += encode_frame("SUBSCRIBE", {"destination": f"/topic/{qname}{i}", "id": f"s{i}",
+                                               "receipt": rid})
+            continue
+        data += encode_frame("SEND", h, f"body{i}")
+    c.send_raw(data)
+    got = []
+    for _ in range(40):
+        f = c.recv()
+        assert f.command == "RECEIPT", f
+        got.append(f["receipt-id"])
+    assert got == ids
+
+
+def test_a_receipt_never_overtakes_an_earlier_error(broker, qname):
+    c = broker.client()
+    c.send_raw(encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": "first"}, "x")
+               + encode_frame("SEND", {"destination": "/nowhere/x", "receipt": "second"}, "x")
+               + encode_frame("SEND", {"destination": f"/topic/{qname}", "receipt": "third"}, "x"))
+    frames = c.expect_closed()
+    assert [f.command for f in frames][:2] == ["RECEIPT", "ERROR"], frames
+    assert frames[0]["receipt-id"] == "first"
+    assert frames[1]["receipt-id"] == "second"
+    assert all(f.get("receipt-id") != "third" for f in frames), frames
+
+
+def test_count_msgs_receipt_after_queue_sends_counts_them(broker, qname):
+    c = broker.client()
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}", receipt=False)
+    assert c.count_msgs(qname) == 3
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+def test_error_frame_has_message_receipt_id_body_content_length_then_close(broker):
+    c = broker.client()
+    c.send_frame("SEND", {"destination": "/bogus/x", "receipt": "bad-1"}, "x")
+    frames = c.expect_closed()
+    assert [f.command for f in frames] == ["ERROR"], frames
+    err = frames[0]
+    assert err.get("message"), err
+    assert err["receipt-id"] == "bad-1"
+    assert err.body.strip(), err
+    assert err["content-length"] == str(len(err.body))
+
+
+def test_error_without_receipt_has_no_receipt_id(broker):
+    c = broker.client()
+    c.send_frame("SEND", {"destination": "/bogus/x"}, "x")
+    err = c.expect_error()
+    assert "receipt-id" not in err
+    assert err.get("message")
+
+
+def test_an_error_does_not_affect_other_connections(broker, qname):
+    a = broker.client()
+    b = broker.client()
+    b.subscribe(f"/queue/{qname}")
+    a.send_frame("SEND", {"destination": "/bogus/x"}, "x")
+    a.expect_error()
+    b.send(f"/queue/{qname}", "fine")
+    assert b.message().body == b"fine"
+
+
+# --- login ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def auth_broker(start_broker):
+    return start_broker("-login", "alice", "-passcode", "s3cret")
+
+
+@pytest.mark.parametrize("version", [None, "1.1", "1.2"])
+def test_right_credentials_are_connected(auth_broker, version):
+    f = auth_broker.raw_client().hello(version, login="alice", passcode="s3cret")
+    assert f.command == "CONNECTED", f
+
+
+@pytest.mark.parametrize("creds", [
+    {}, {"login": "alice"}, {"passcode": "s3cret"},
+    {"login": "alice", "passcode": "wrong"}, {"login": "bob", "passcode": "s3cret"},
+], ids=["missing", "no-passcode", "no-login", "wrong-passcode", "wrong-login"])
+def test_wrong_or_missing_credentials_get_error_and_close(auth_broker, creds):
+    c = auth_broker.raw_client()
+    c.hello("1.2", **creds)
+    err = c.expect_error()
+    assert err.get("message")
+
+
+def test_connect_headers_are_not_unescaped(start_broker):
+    b = start_broker("-login", "a\\cb", "-passcode", "p")
+    f = b.raw_client().hello("1.2", login="a\\cb", passcode="p")
+    assert f.command == "CONNECTED", f
+
+
+def test_open_broker_accepts_any_credentials(broker):
+    f = broker.raw_client().hello("1.2", login="whoever", passcode="whatever")
+    assert f.command == "CONNECTED", f
+
+
+# --- connection life -----------------------------------------------------------------------------
+
+def test_first_frame_must_be_connect(broker, qname):
+    c = broker.raw_client()
+    c.send_frame("SEND", {"destination": f"/queue/{qname}", "receipt": "r1"}, "sneaky")
+    frames = c.expect_closed()
+    assert all(f.command == "ERROR" for f in frames), frames
+    assert broker.client().count_msgs(qname) == 0
+
+
+def test_second_connect_is_an_error(broker):
+    c = broker.client()
+    c.send_frame("CONNECT", {"accept-version": "1.2", "host": "h"})
+    c.expect_error()
+
+
+@pytest.mark.slow
+def test_connect_must_complete_within_10_seconds(broker):
+    silent = broker.raw_client()
+    trickle = broker.raw_client()
+    data = encode_frame("CONNECT", {"accept-version": "1.2", "host": "h" * 40})
+    closed = {"silent": False, "trickle": False}
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < 14 and not all(closed.values()):
+        if not closed["trickle"]:
+            try:
+                trickle.send_raw(data[i:i + 1])
+                i += 1
+            except OSError:
+                closed["trickle"] = True
+        for name, c in (("silent", silent), ("trickle", trickle)):
+            if not closed[name] and c.is_closed(0.25):
+                closed[name] = True
+    assert i < len(data), "test bug: the CONNECT was sent completely"
+    assert closed == {"silent": True, "trickle": True}
+    assert time.monotonic() - t0 > 8, "closed long before the 10 s deadline"
+
+
+def test_message_and_error_always_carry_content_length(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/queue/{qname}", b"", content_length=False)
+    c.send(f"/queue/{qname}", b"abc", content_length=False)
+    m1, m2 = c.messages(2)
+    assert m1["content-length"] == "0" and m1.body == b""
+    assert m2["content-length"] == "3" and m2.body == b"abc"
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.2"])
+def test_outgoing_frames_end_with_nul_then_newline(broker, qname, version):
+    c = broker.client(version)
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/queue/{qname}", "x")
+    c.message()
+    c.expect_nothing(0.3)
+    c.send_frame("SEND", {"destination": "/bogus"}, "x")
+    c.expect_error()
+    # CONNECTED, RECEIPT (subscribe), RECEIPT (send), MESSAGE, ERROR
+    assert len(c.after_nul) == 5, c.after_nul
+    assert c.after_nul == [b"\n"] * 5, c.after_nul
+
+
+# ============================================================================================
+# §4 Destinations
+# ============================================================================================
+
+def test_queue_message_goes_to_exactly_one_subscriber(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}")
+    b.subscribe(f"/queue/{qname}")
+    a.send(f"/queue/{qname}", "only once")
+    got = collect([a, b], 1)
+    assert got[0][1].body == b"only once"
+    a.expect_nothing()
+    b.expect_nothing()
+
+
+def test_queue_message_is_stored_until_a_subscriber_comes(broker, qname):
+    broker.client().send(f"/queue/{qname}", "waiting")
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    assert c.message().body == b"waiting"
+
+
+def test_topic_message_is_broadcast_to_every_subscriber(broker, qname):
+    subs = [broker.client(v) for v in ("1.0", "1.1", "1.2")]
+    for s in subs:
+        s.subscribe(f"/topic/{qname}")
+    broker.client().send(f"/topic/{qname}", "to all")
+    for s in subs:
+        m = s.message()
+        assert m.body == b"to all"
+        assert m["destination"] == f"/topic/{qname}"
+        s.expect_nothing(0.2)
+
+
+def test_topic_prefix_subscription_receives_every_matching_topic(broker, qname):
+    c = broker.client()
+    sid = c.subscribe(f"/topic/{qname}.foo*")
+    p = broker.client()
+    for name in ("foobar", "fo", "foo", "bar", "foo.baz", "xfoo"):
+        p.send(f"/topic/{qname}.{name}", name)
+    got = c.messages(3)
+    assert [m.body for m in got] == [b"foobar", b"foo", b"foo.baz"]
+    assert [m["destination"] for m in got] == [f"/topic/{qname}.{n}" for n in ("foobar", "foo", "foo.baz")]
+    assert all(m["subscription"] == sid for m in got)
+    c.expect_nothing()
+
+
+def test_queue_subscription_does_not_get_topic_messages_of_the_same_name(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/topic/{qname}", "topic")
+    c.expect_nothing()
+
+
+@pytest.mark.parametrize("command,destination", [
+    ("SEND", "/bogus/{q}"),
+    ("SEND", "queue/{q}"),
+    ("SEND", "/queue/"),
+    ("SEND", "/topic/"),
+    ("SEND", "/topic/{q}*"),
+    ("SEND", "/queue/{q}*"),
+    ("SEND", ""),
+    ("SUBSCRIBE", "/bogus/{q}"),
+    ("SUBSCRIBE", "/queue/"),
+    ("SUBSCRIBE", "/topic/"),
+    ("SUBSCRIBE", "/control/count-msgs/queue/{q}"),
+    ("SUBSCRIBE", "/control/count-subscribers/queue/{q}"),
+])
+def test_bad_destination_is_an_error(broker, qname, command, destination):
+    c = broker.client()
+    h = {"destination": destination.format(q=qname), "receipt": "r-bad"}
+    if command == "SUBSCRIBE":
+        h["id"] = "s1"
+    c.send_frame(command, h, "x" if command == "SEND" else b"")
+    err = c.expect_error()
+    assert err.get("receipt-id") == "r-bad", err
+
+
+@pytest.mark.parametrize("command", ["SEND", "SUBSCRIBE"])
+def test_missing_destination_is_an_error(broker, command):
+    c = broker.client()
+    c.send_frame(command, {"id": "s1", "receipt": "r-bad"})
+    assert c.expect_error().get("receipt-id") == "r-bad"
+
+
+# ============================================================================================
+# §5 SEND
+# ============================================================================================
+
+def test_higher_priority_is_delivered_first_fifo_within_a_priority(broker, qname):
+    c = broker.client()
+    sent = [("a", 0), ("b", 5), ("c", -3), ("d", 5), ("e", 0), ("f", 10), ("g", -3), ("h", None),
+            ("i", -100)]
+    for body, prio in sent:
+        c.send(f"/queue/{qname}", body, priority=prio)
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    got = [m.body.decode() for m in c.messages(len(sent))]
+    assert got == ["f", "b", "d", "a", "e", "h", "c", "g", "i"]
+
+
+def test_fifo_order_within_default_priority(broker, qname):
+    c = broker.client()
+    for i in range(30):
+        c.send(f"/queue/{qname}", str(i), receipt=(i % 7 == 0))
+    barrier(c)
+    c.subscribe(f"/queue/{qname}")
+    assert [int(m.body) for m in c.messages(30)] == list(range(30))
+
+
+CUSTOM = {"content-type": "text/plain;charset=utf-8", "correlation-id": "corr-42",
+          "reply-to": "/queue/replies", "x-custom": "custom value", "persistent": "true"}
+
+
+def _assert_custom_headers(m):
+    for k, v in CUSTOM.items():
+        assert m.get(k) == v, f"{k} not kept: {m!r}"
+
+
+@pytest.mark.parametrize("kind", ["queue", "topic"])
+def test_custom_headers_are_delivered_on_message(broker, qname, kind):
+    c = broker.client()
+    c.subscribe(f"/{kind}/{qname}")
+    c.send(f"/{kind}/{qname}", "x", headers=CUSTOM)
+    _assert_custom_headers(c.message())
+
+
+@pytest.mark.parametrize("how", ["clean", "kill9"])
+def test_custom_headers_survive_a_restart(broker, qname, how):
+    c = broker.client()
+    c.send(f"/queue/{qname}", "x", headers=CUSTOM, priority=3)
+    if how == "clean":
+        broker.restart()
+    else:
+        broker.kill9()
+        broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    m = c.message()
+    assert m.body == b"x"
+    _assert_custom_headers(m)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize("ack", ["auto", "client", "client-individual"])
+def test_message_has_message_id_destination_subscription_and_content_length(broker, qname, version, ack):
+    c = broker.client(version)
+    sid = c.subscribe(f"/queue/{qname}", ack=ack)
+    c.send(f"/queue/{qname}", "hello")
+    m = c.message()
+    assert m.get("message-id"), m
+    assert m["destination"] == f"/queue/{qname}"
+    assert m["subscription"] == sid
+    assert m["content-length"] == "5"
+    assert m.get("redelivered") != "true"
+    if version == "1.2" and ack != "auto":
+        assert m["ack"] == m["message-id"], m
+
+
+def test_message_ids_are_distinct(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    for i in range(10):
+        c.send(f"/queue/{qname}", str(i))
+    ids = [m["message-id"] for m in c.messages(10)]
+    assert len(set(ids)) == 10
+
+
+def test_redelivered_message_has_redelivered_true_and_the_same_message_id(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "again")
+    m1 = c.message()
+    c.nack(m1)
+    m2 = c.message()
+    assert m2["redelivered"] == "true"
+    assert m2["message-id"] == m1["message-id"]
+    assert m2.body == b"again"
+
+
+@pytest.mark.parametrize("how", ["clean", "kill9"])
+def test_message_id_is_kept_across_a_restart(broker, qname, how):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client")
+    c.send(f"/queue/{qname}", "keep my id")
+    m1 = c.message()
+    if how == "clean":
+        broker.restart()
+    else:
+        broker.kill9()
+        broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client")
+    m2 = c.message()
+    assert m2["message-id"] == m1["message-id"]
+    assert m2.body == b"keep my id"
+
+
+def test_topic_send_is_not_stored(broker, qname):
+    c = broker.client()
+    c.send(f"/topic/{qname}", "gone")
+    c.subscribe(f"/topic/{qname}")
+    c.expect_nothing()
+
+
+@pytest.mark.parametrize("kind", ["queue", "topic"])
+def test_a_one_megabyte_binary_body_works(broker, qname, kind):
+    c = broker.client()
+    c.subscribe(f"/{kind}/{qname}")
+    body = bytes(range(256)) * 4096
+    c.send(f"/{kind}/{qname}", body)
+    m = c.message(timeout=15)
+    assert m["content-length"] == str(len(body))
+    assert m.body == body
+
+
+def test_receipted_queue_send_survives_kill_9(broker, qname):
+    c = broker.client()
+    c.send(f"/queue/{qname}", "durable", headers={"x-k": "v"})
+    broker.kill9()
+    broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    m = c.message()
+    assert m.body == b"durable"
+    assert m["x-k"] == "v"
+
+
+def test_many_receipted_sends_pipelined_survive_kill_9(broker, qname):
+    c = broker.client()
+    c.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": f"p{i}"},
+                                     f"m{i}") for i in range(50)))
+    for i in range(50):
+        c.receipt(f"p{i}")
+    broker.kill9()
+    broker.start()
+    c = broker.client()
+    assert c.count_msgs(qname) == 50
+    c.subscribe(f"/queue/{qname}")
+    assert [m.body for m in c.messages(50)] == [f"m{i}".encode() for i in range(50)]
+
+
+def test_unreceipted_sends_reach_disk_at_the_flush_period(start_broker, qname):
+    b = start_broker("-flush-period", "0.2")
+    c = b.client()
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}", receipt=False)
+    barrier(c)
+    time.sleep(1.5)
+    b.kill9()
+    b.start()
+    c = b.client()
+    c.subscribe(f"/queue/{qname}")
+    assert [m.body for m in c.messages(3)] == [b"m0", b"m1", b"m2"]
+
+
+def test_unreceipted_sends_reach_disk_when_more_than_maxmsgs_are_cached(start_broker, qname):
+    b = start_broker("-flush-period", "600", "-maxmsgs", "5")
+    c = b.client()
+    for i in range(10):
+        c.send(f"/queue/{qname}", f"m{i}", receipt=False)
+        barrier(c)
+    time.sleep(0.5)
+    b.kill9()
+    b.start()
+    c = b.client()
+    n = c.count_msgs(qname)
+    assert 6 <= n <= 10, n
+
+
+def test_acked_message_is_not_redelivered_after_kill_9(broker, qname):
+    c = broker.client()
+    c.send(f"/queue/{qname}", "one")
+    c.send(f"/queue/{qname}", "two")
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    m1, m2 = c.messages(2)
+    c.ack(m1)
+    broker.kill9()
+    broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    assert c.message().body == b"two"
+    c.expect_nothing()
+
+
+def test_auto_acked_message_is_not_redelivered_after_a_clean_restart(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/queue/{qname}", "consumed")
+    c.message()
+    barrier(c)
+    broker.restart()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    c.expect_nothing()
+
+
+def test_message_sent_and_acked_before_a_flush_is_gone_after_restart(start_broker, qname):
+    b = start_broker("-flush-period", "600")
+    c = b.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "short-lived", receipt=False)
+    c.ack(c.message())
+    b.restart()
+    c = b.client()
+    assert c.count_msgs(qname) == 0
+    c.subscribe(f"/queue/{qname}")
+    c.expect_nothing()
+
+
+# ============================================================================================
+# §6 SUBSCRIBE / UNSUBSCRIBE
+# ============================================================================================
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize("ack", ["auto", "client", "client-individual"])
+def test_every_ack_mode_is_accepted_in_every_version(broker, qname, version, ack):
+    c = broker.client(version)
+    c.subscribe(f"/queue/{qname}", ack=ack)
+
+
+def test_absent_ack_header_means_auto(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack=None)
+    c.send(f"/queue/{qname}", "x")
+    c.message()
+    assert wait_until(lambda: c.count_msgs(qname) == 0)
+
+
+@pytest.mark.parametrize("ack", ["bogus", "Client", "AUTO", ""])
+def test_invalid_ack_mode_is_an_error(broker, qname, ack):
+    c = broker.client()
+    c.send_frame("SUBSCRIBE", {"destination": f"/queue/{qname}", "id": "s1", "ack": ack,
+                               "receipt": "r1"})
+    assert c.expect_error().get("receipt-id") == "r1"
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
+def test_subscription_id_is_required_in_1_1_and_later(broker, qname, version):
+    c = broker.client(version)
+    c.send_frame("SUBSCRIBE", {"destination": f"/queue/{qname}", "receipt": "r1"})
+    assert c.expect_error().get("receipt-id") == "r1"
+
+
+def test_subscription_id_defaults_to_the_destination_in_1_0(broker, qname):
+    c = broker.client("1.0")
+    c.subscribe(f"/queue/{qname}", id=None)
+    c.send(f"/queue/{qname}", "x")
+    assert c.message()["subscription"] == f"/queue/{qname}"
+
+
+def test_unsubscribe_by_destination_in_1_0(broker, qname):
+    c = broker.client("1.0")
+    c.subscribe(f"/queue/{qname}", id=None)
+    c.unsubscribe(destination=f"/queue/{qname}")
+    c.send(f"/queue/{qname}", "x")
+    c.expect_nothing()
+    assert c.count_msgs(qname) == 1
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+def test_unsubscribe_by_id(broker, qname, version):
+    c = broker.client(version)
+    sid = c.subscribe(f"/topic/{qname}")
+    c.unsubscribe(id=sid)
+    c.send(f"/topic/{qname}", "x")
+    c.expect_nothing()
+
+
+def test_prefetch_limits_unacked_messages(broker, qname):
+    c = broker.client()
+    for i in range(5):
+        c.send(f"/queue/{qname}", f"m{i}")
+    c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=2)
+    first = c.messages(2)
+    c.expect_nothing()
+    c.ack(first[0])
+    third = c.message()
+    c.expect_nothing()
+    assert [m.body for m in first + [third]] == [b"m0", b"m1", b"m2"]
+    c.nack(first[1])
+    assert c.message().body == b"m1"
+
+
+@pytest.mark.parametrize("prefetch", [None, "10", "0", "-1"])
+def test_max_prefetch_caps_and_defaults_the_prefetch(start_broker, qname, prefetch):
+    b = start_broker("-max-prefetch", "3")
+    c = b.client()
+    for i in range(6):
+        c.send(f"/queue/{qname}", f"m{i}")
+    c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=prefetch)
+    c.messages(3)
+    c.expect_nothing()
+
+
+def test_prefetch_applies_to_queue_not_topic_messages(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/topic/{qname}", ack="client-individual", prefetch=1)
+    for i in range(3):
+        c.send(f"/topic/{qname}", f"t{i}")
+    assert [m.body for m in c.messages(3)] == [b"t0", b"t1", b"t2"]
+
+
+def test_ready_subscriptions_are_served_round_robin(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", ack="client-individual")
+    b.subscribe(f"/queue/{qname}", ack="client-individual")
+    p = broker.client()
+    for i in range(10):
+        p.send(f"/queue/{qname}", str(i))
+    got = collect([a, b], 10)
+    per = {id(a): 0, id(b): 0}
+    for c, _ in got:
+        per[id(c)] += 1
+    assert sorted(per.values()) == [5, 5], per
+
+
+def test_a_full_subscription_is_skipped(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=1)
+    p = broker.client()
+    p.send(f"/queue/{qname}", "first")
+    assert a.message().body == b"first"
+    b.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=10)
+    for i in range(3):
+        p.send(f"/queue/{qname}", f"more{i}")
+    assert [m.body for m in b.messages(3)] == [b"more0", b"more1", b"more2"]
+    a.expect_nothing()
+
+
+def test_stored_messages_are_delivered_at_subscribe_in_priority_order(broker, qname):
+    c = broker.client()
+    for body, prio in (("low", 1), ("high", 9), ("mid", 5)):
+        c.send(f"/queue/{qname}", body, priority=prio)
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    assert [m.body for m in c.messages(3)] == [b"high", b"mid", b"low"]
+
+
+def test_duplicate_subscription_id_is_an_error(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", id="dup")
+    c.send_frame("SUBSCRIBE", {"destination": f"/topic/{qname}", "id": "dup", "receipt": "r2"})
+    assert c.expect_error().get("receipt-id") == "r2"
+
+
+def test_topic_message_is_delivered_once_per_matching_subscription(broker, qname):
+    c = broker.client()
+    s1 = c.subscribe(f"/topic/{qname}.a")
+    s2 = c.subscribe(f"/topic/{qname}.a")
+    s3 = c.subscribe(f"/topic/{qname}.*")
+    c.send(f"/topic/{qname}.a", "x")
+    got = c.messages(3)
+    assert sorted(m["subscription"] for m in got) == sorted([s1, s2, s3])
+    c.expect_nothing()
+
+
+def test_two_queue_subscriptions_on_one_connection_share_the_queue(broker, qname):
+    c = broker.client()
+    s1 = c.subscribe(f"/queue/{qname}", ack="client-individual")
+    s2 = c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "1")
+    c.send(f"/queue/{qname}", "2")
+    got = c.messages(2)
+    assert sorted(m["subscription"] for m in got) == sorted([s1, s2])
+    c.expect_nothing()
+
+
+def test_unsubscribe_returns_unacked_messages_to_the_queue_at_once(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", id="sa", ack="client")
+    a.send(f"/queue/{qname}", "m")
+    m1 = a.message()
+    b.subscribe(f"/queue/{qname}", ack="client")
+    b.expect_nothing(0.3)
+    a.unsubscribe(id="sa")
+    m2 = b.message(timeout=2)
+    assert m2["message-id"] == m1["message-id"]
+    assert m2["redelivered"] == "true"
+    a.expect_nothing()
+
+
+def test_unsubscribed_subscription_gets_nothing_more(broker, qname):
+    c = broker.client()
+    sid = c.subscribe(f"/queue/{qname}")
+    c.unsubscribe(id=sid)
+    c.send(f"/queue/{qname}", "x")
+    c.expect_nothing()
+    assert c.count_msgs(qname) == 1
