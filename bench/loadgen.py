@@ -464,6 +464,7 @@ def role_queue_consumer(ctx, dest, ack_mode, prefetch, total, counter):
     ctx.ready()
     got = 0
     redelivered = 0
+    ids = []
     t_first = t_last_ack = None
     while True:
         frames = c.recv_frames(POLL)
@@ -473,10 +474,10 @@ def role_queue_consumer(ctx, dest, ack_mode, prefetch, total, counter):
             for head, body in frames:
                 if not head.startswith(b"MESSAGE"):
                     raise BenchError("unexpected frame %r" % head[:200])
-                aid = header(head, b"ack")
-                if aid is None:
-                    aid = header(head, b"message-id")
+                mid = header(head, b"message-id")
+                aid = header(head, b"ack") or mid
                 acks.append(b"ACK\nid:" + aid + b"\n\n\0")
+                ids.append(mid)
                 if b"\nredelivered:true" in head:
                     redelivered += 1
                 n += 1
@@ -501,7 +502,7 @@ def role_queue_consumer(ctx, dest, ack_mode, prefetch, total, counter):
         pass
     c.close(graceful=False)
     return {"received": got, "redelivered": redelivered, "t_first_recv": t_first,
-            "t_last_ack": t_last_ack}
+            "t_last_ack": t_last_ack, "ids": ids}
 
 
 def role_durable_producer(ctx, dest, size, duration):
@@ -562,6 +563,8 @@ def role_drain_consumer(ctx, dest, ack_mode, prefetch, total):
     c.send(frame("SUBSCRIBE", [("destination", dest), ("id", "s"), ("ack", ack_mode),
                                ("prefetch", prefetch)]))
     got = 0
+    redelivered = 0
+    ids = []
     t_last_ack = None
     while got < total:
         frames = c.recv_frames(SOCK_TIMEOUT)
@@ -571,8 +574,12 @@ def role_drain_consumer(ctx, dest, ack_mode, prefetch, total):
         for head, _ in frames:
             if not head.startswith(b"MESSAGE"):
                 raise BenchError("unexpected frame %r" % head[:200])
-            aid = header(head, b"ack") or header(head, b"message-id")
+            mid = header(head, b"message-id")
+            aid = header(head, b"ack") or mid
             acks.append(b"ACK\nid:" + aid + b"\n\n\0")
+            ids.append(mid)
+            if b"\nredelivered:true" in head:
+                redelivered += 1
         c.send(b"".join(acks))
         t_last_ack = time.monotonic()
         got += len(acks)
@@ -583,7 +590,8 @@ def role_drain_consumer(ctx, dest, ack_mode, prefetch, total):
     except BenchError:
         pass
     c.close(graceful=False)
-    return {"received": got, "t_first": t0, "t_last_ack": t_last_ack}
+    return {"received": got, "redelivered": redelivered, "t_first": t0,
+            "t_last_ack": t_last_ack, "ids": ids}
 
 
 def role_subscriber_many(ctx, prefix, count, batch):
@@ -681,6 +689,7 @@ def case_queue(env, producers=2, messages=50000, size=100, consumers=2,
     wall = t1 - t0
     got = sum(r["received"] for r in cons)
     redel = sum(r["redelivered"] for r in cons)
+    distinct = len(set(i for r in cons for i in r.pop("ids")))
     bcpu = env.broker.cpu() - b0 if env.broker else None
     left = None
     try:
@@ -691,10 +700,12 @@ def case_queue(env, producers=2, messages=50000, size=100, consumers=2,
             time.sleep(0.1)
     except (OSError, BenchError) as e:
         left = "error: %s" % e
-    ok = got == total and left == 0
-    notes = "%d producers x %d msgs of %d B, %d consumers %s prefetch %d; received %d, " \
-            "redelivered %d, left in queue %s" % (producers, messages, size, consumers, ack,
-                                                   prefetch, got, redel, left)
+    ok = got == total and distinct == total and left == 0
+    notes = "%d producers x %d msgs of %d B, %d consumers %s prefetch %d; received %d " \
+            "(%d distinct message-ids), %d marked redelivered:true, left in queue %s" % (
+                producers, messages, size, consumers, ack, prefetch, got, distinct, redel, left)
+    if redel:
+        notes += " (unexpected: no consumer NACKed, timed out or disconnected)"
     cpu = _cpu(res, wall)
     cpu["broker_cpu_s"] = round(bcpu, 3) if bcpu is not None else None
     return [fig("queue", "msgs/s (first SEND -> last ACK)", total / wall, "msg/s", cpu, ok, notes)]
@@ -782,6 +793,7 @@ def case_backlog(env, messages=200000, size=100, ack="client", prefetch=100, bat
                                                    total=messages))],
                        env.opts, env.deadline_left(t_start), sample)
     drain = res2[0]
+    distinct = len(set(drain.pop("ids")))
     drain_wall = drain["t_last_ack"] - drain["t_first"]
     b2 = br.cpu() if br else None
     left = None
@@ -804,9 +816,12 @@ def case_backlog(env, messages=200000, size=100, ack="client", prefetch=100, bat
     cpu_d = _cpu(res2, drain_wall)
     cpu_d["broker_cpu_s"] = round(b2 - b1, 3) if br else None
     figs.append(fig("backlog", "drain msgs/s (SUBSCRIBE -> last ACK)", messages / drain_wall,
-                    "msg/s", cpu_d, drain["received"] == messages and left == 0,
-                    "1 consumer, ack %s, prefetch %d; received %d; left in queue %s"
-                    % (ack, prefetch, drain["received"], left)))
+                    "msg/s", cpu_d,
+                    drain["received"] == messages and distinct == messages and left == 0,
+                    "1 consumer, ack %s, prefetch %d; received %d (%d distinct message-ids), "
+                    "%d marked redelivered:true; left in queue %s"
+                    % (ack, prefetch, drain["received"], distinct, drain["redelivered"], left)
+                    + (" (unexpected: these are first deliveries)" if drain["redelivered"] else "")))
     if br:
         hwm = br.hwm() if hwm_reset else None
         p = max(peak[0], hwm or 0)
