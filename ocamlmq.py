@@ -1,0 +1,1488 @@
+#!/usr/bin/env python3
+"""ocamlmq.py: a small, durable STOMP broker for task queues, in one file of standard Python.
+
+    python3 ocamlmq.py [options] [sqlite3 database (default: ocamlmq.db)]
+
+The file reads top to bottom in four layers, each using only the ones above it:
+
+1. The STOMP codec: bytes in, frames out, and frames to bytes. No sockets.
+2. The broker: clients, subscriptions, queues, topics, acks, transactions and timers, on top of a
+   `MessageStore` (an in-memory cache in front of a small storage backend: storage_sqlite.py by
+   default, storage_pg.py with -pg). It talks to a client only by appending bytes to its `outbox`
+   and setting its `closing` flag; it asks for timers through the `call_later` it is handed.
+3. The reactor: one thread, `selectors`, non-blocking sockets, a `heapq` of timers.
+4. The command line.
+
+Theory of operation
+-------------------
+A queue message is *stored* when its SEND is handled: into the cache if the SEND had no receipt,
+into this turn's durable batch if it had one. Then it is *ready*: it waits in its queue, ordered
+by priority (highest first) and then age, until a subscription has room under its prefetch limit.
+It is then *delivered*: written to that subscriber and remembered, with an ack-timeout deadline if
+the SEND gave one, until the subscriber ACKs it, which *deletes* it from the cache or the disk.
+A NACK, a passed deadline, an UNSUBSCRIBE or the end of the connection puts the message back in
+its queue, marked redelivered, for the next ready subscription. Nothing else ever drops a message.
+
+The reactor runs in turns: wait for sockets and timers, handle every complete frame that arrived,
+then commit the turn's durable batch with one disk sync (group commit), and only then write the
+clients' outboxes. So a RECEIPT never leaves before the message it confirms is on disk, and every
+frame leaves in the order of the client frames that caused it. The cache is written to disk every
+-flush-period seconds or once it holds more than -maxmsgs messages; a message ACKed before that
+never touches the disk. After a restart everything stored and not ACKed is delivered again.
+
+Memory follows what is active, not what is stored: a queue is in memory only while it has
+subscribers, and then only a window of its next messages; the rest of its backlog stays on disk
+and is read in batches, in delivery order, as the window drains.
+"""
+
+import errno
+import heapq
+import json
+import logging
+import math
+import os
+import re
+import resource
+import selectors
+import signal
+import socket
+import sys
+import time
+
+SERVER_NAME = "ocamlmq.py/1.0"
+VERSIONS = ("1.0", "1.1", "1.2")
+
+log = logging.getLogger("ocamlmq")
+
+
+# ==============================================================================================
+# 1. STOMP codec: bytes in, frames out, and back. No sockets, no broker state.
+# ==============================================================================================
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a STOMP frame we accept. The message is for the peer."""
+
+
+class Frame:
+    """One STOMP frame. `headers` maps each name to its first value (the first header wins)."""
+    __slots__ = ("command", "headers", "body")
+
+    def __init__(self, command, headers, body=b""):
+        self.command = command
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self):
+        return f"Frame({self.command!r}, {self.headers!r}, {self.body[:40]!r})"
+
+
+UNESCAPES = {"1.1": {"\\\\": "\\", "\\n": "\n", "\\c": ":"},
+             "1.2": {"\\\\": "\\", "\\n": "\n", "\\c": ":", "\\r": "\r"}}
+ESCAPE_TABLES = {"1.0": str.maketrans({"\n": " ", "\r": " "}),
+                 "1.1": str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c"}),
+                 "1.2": str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c", "\r": "\\r"})}
+ESCAPE_SEQUENCE = re.compile(r"\\.?")
+
+
+def unescape(value, version):
+    """Decode STOMP 1.1/1.2 header escapes; an undefined escape is a protocol error."""
+    if "\\" not in value:
+        return value
+    table = UNESCAPES[version]
+
+    def replace(match):
+        try:
+            return table[match.group()]
+        except KeyError:
+            raise ProtocolError(f"undefined escape sequence {match.group()!r} in header") from None
+    return ESCAPE_SEQUENCE.sub(replace, value)
+
+
+def encode_frame(command, headers, body=None, version="1.2"):
+    """The bytes of a frame. `headers` is a list of (name, value) pairs, escaped for `version`
+    (CONNECTED never is). With a body, `content-length` is added; every frame ends in NUL, EOL."""
+    table = None if command == "CONNECTED" else ESCAPE_TABLES[version]
+    lines = [command]
+    for name, value in headers:
+        value = str(value)
+        lines.append(f"{name}:{value.translate(table) if table else value}")
+    if body is not None:
+        lines.append(f"content-length:{len(body)}")
+    head = ("\n".join(lines) + "\n\n").encode()
+    return head + body + b"\0\n" if body else head + b"\0\n"
+
+
+class FrameParser:
+    """Incremental STOMP frame parser: `feed(bytes)`, then `next_frame()` until it returns None.
+
+    Frames are taken one at a time so that the caller can switch `version` (which decides header
+    trimming and escapes) right after CONNECT, before the frames that follow it are decoded.
+    The parser owns the limits; anything over them, or malformed, raises ProtocolError. It keeps
+    how far it has already searched, so a large frame arriving in small pieces is scanned once.
+    """
+
+    def __init__(self, max_frame_size=16 * 1024 * 1024, max_headers=1000, max_line=64 * 1024):
+        self.max_frame_size = max_frame_size
+        self.max_headers = max_headers
+        self.max_line = max_line
+        self.version = "1.0"
+        self.buffer = bytearray()
+        self.scanned = 0          # bytes of the pending frame already searched
+        self.newlines = 0         # EOLs seen in the pending frame's head so far
+        self.head = None          # (command, headers, body_start, content_length) once parsed
+
+    def feed(self, data):
+        self.buffer += data
+
+    def buffered(self):
+        """Bytes held for frames not yet complete (beyond heart-beat EOLs)."""
+        return len(self.buffer)
+
+    def next_frame(self):
+        """The next complete frame, or None until more bytes arrive."""
+        buf = self.buffer
+        if self.head is None:
+            self._skip_eols()
+            if not buf:
+                return None
+            end, sep = self._find_head_end()
+            if end < 0:
+                return None
+            self.head = self._parse_head(bytes(buf[:end])) + (end + sep,)
+            self.scanned = end + sep
+        command, headers, length, body_start = self.head
+        if length is not None:
+            if body_start + length > self.max_frame_size:
+                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
+            if len(buf) < body_start + length + 1:
+                return None
+            if buf[body_start + length] != 0:
+                raise ProtocolError("frame body does not end with NUL where content-length says")
+            body_end = body_start + length
+        else:
+            body_end = buf.find(0, self.scanned)
+            if body_end < 0:
+                self.scanned = len(buf)
+                if len(buf) > self.max_frame_size:
+                    raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
+                return None
+        body = bytes(buf[body_start:body_end])
+        del buf[:body_end + 1]
+        self.head = None
+        self.scanned = self.newlines = 0
+        return Frame(command, headers, body)
+
+    def _skip_eols(self):
+        """Drop the EOLs before a frame: heart-beats, or the EOL that ends each frame."""
+        buf = self.buffer
+        i = 0
+        n = len(buf)
+        while i < n and (buf[i] == 10 or (buf[i] == 13 and i + 1 < n and buf[i + 1] == 10)):
+            i += 1
+        if i:
+            del buf[:i]
+            self.scanned = self.newlines = 0
+
+    def _find_head_end(self):
+        """Where the header block ends: (index of its blank line's EOL, its length) or (-1, 0)."""
+        buf = self.buffer
+        start = max(0, self.scanned - 3)
+        lf = buf.find(b"\n\n", start)
+        crlf = buf.find(b"\n\r\n", start)
+        if lf >= 0 and (crlf < 0 or lf < crlf):
+            return lf + 1, 1
+        if crlf >= 0:
+            return crlf + 1, 2
+        self.newlines += buf.count(b"\n", self.scanned)
+        self.scanned = len(buf)
+        if len(buf) > self.max_frame_size:
+            raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
+        if self.newlines > self.max_headers + 1:
+            raise ProtocolError(f"more than {self.max_headers} headers")
+        if len(buf) - buf.rfind(b"\n") > self.max_line:
+            raise ProtocolError(f"header line longer than {self.max_line} bytes")
+        return -1, 0
+
+    def _parse_head(self, head):
+        """(command, headers, content_length) from the command line and header lines."""
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("headers are not valid UTF-8") from None
+        lines = text.split("\n")
+        lines.pop()                              # what follows the last EOL: nothing
+        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+        if len(lines) - 1 > self.max_headers:
+            raise ProtocolError(f"more than {self.max_headers} headers")
+        command = lines[0]
+        raw = command in ("CONNECT", "STOMP", "CONNECTED") or self.version == "1.0"
+        headers = {}
+        for line in lines[1:]:
+            if len(line) > self.max_line:
+                raise ProtocolError(f"header line longer than {self.max_line} bytes")
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise ProtocolError(f"header line without a colon: {line[:80]!r}")
+            if raw:
+                name, value = name.strip(), value.strip()
+            else:
+                name, value = unescape(name, self.version), unescape(value, self.version)
+            headers.setdefault(name, value)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or not length.isascii():
+                raise ProtocolError(f"bad content-length {length[:40]!r}")
+            length = int(length)
+            if length > self.max_frame_size:
+                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
+        return command, headers, length
+
+
+# ==============================================================================================
+# 2. The broker: clients, subscriptions, queues, topics, acks, transactions, storage.
+# ==============================================================================================
+
+class ClientError(Exception):
+    """A client broke the protocol or the SPEC; it gets an ERROR with this message and is closed."""
+
+
+class Message:
+    """A queue or topic message. `rank` is minus the priority, so (rank, id) sorts in delivery
+    order. `headers` are the client's own SEND headers, passed through to MESSAGE."""
+    __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "redelivered",
+                 "state", "tails")
+
+    def __init__(self, msg_id, queue, rank, ack_timeout, headers, body, redelivered=False,
+                 state=None):
+        self.id = msg_id
+        self.queue = queue            # queue name, or None for a topic message
+        self.rank = rank
+        self.ack_timeout = ack_timeout
+        self.headers = headers        # [(name, value), ...]
+        self.body = body
+        self.redelivered = redelivered
+        self.state = state            # where the store holds it: CACHED, BATCHED or None (on disk)
+        self.tails = None             # encoded headers and body, per version, for topic fan-out
+
+    def row(self):
+        return (self.id, self.queue, self.rank, self.ack_timeout, json.dumps(self.headers),
+                self.body)
+
+    @classmethod
+    def from_row(cls, queue, row):
+        msg_id, rank, ack_timeout, headers, body = row
+        return cls(msg_id, queue, rank, ack_timeout, [tuple(h) for h in json.loads(headers)],
+                   bytes(body))
+
+
+CACHED, BATCHED = "cached", "batched"
+
+
+class MessageStore:
+    """Where queue messages live until ACKed: an in-memory cache in front of a disk backend.
+
+    The broker calls:
+      save(msg, durable)  store a new message: into this turn's durable batch if `durable` (its
+                          SEND asked for a receipt), else into the cache.
+      ack(msg)            the message is done: drop it from the cache or batch, or delete its row.
+      commit()            end of a reactor turn: write the durable batch and the deletes, synced
+                          to disk in one transaction; nothing at all when no receipt waits.
+      flush()             write the cache too (every -flush-period, or when over -maxmsgs).
+      fetch(queue, after, limit)  the next messages of a queue after the key `after`, in order.
+      count(queue)        stored messages of a queue that are not ACKed.
+      close()             flush, then close the backend.
+
+    A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows:
+      max_id(), insert(rows), delete(ids), commit(), fetch(queue, after, limit), count(queue),
+      close(); insert and delete join an open transaction that commit() makes durable, and
+      fetch and count see it. Any failure raises the backend's StorageError, and the store keeps
+      what it could not write, to try again at the next flush.
+    """
+
+    def __init__(self, backend, storage_error):
+        self.backend = backend
+        self.StorageError = storage_error
+        self.cache = {}           # id -> Message saved without a receipt, not yet written
+        self.batch = []           # messages saved with a receipt this turn
+        self.deletes = []         # ids of ACKed messages whose rows are to be deleted
+        self.unwritten = {}       # queue name -> messages of that queue in cache or batch
+        self.sync_wanted = False  # a receipted ACK waits for its delete to be durable
+        self.healthy = True
+
+    def save(self, msg, durable):
+        if durable:
+            msg.state = BATCHED
+            self.batch.append(msg)
+        else:
+            msg.state = CACHED
+            self.cache[msg.id] = msg
+        self.unwritten[msg.queue] = self.unwritten.get(msg.queue, 0) + 1
+
+    def ack(self, msg):
+        if msg.state is None:
+            self.deletes.append(msg.id)
+            return
+        if msg.state is CACHED:
+            del self.cache[msg.id]
+        msg.state = "acked"       # a batched message is skipped when the batch is written
+        self._forget_unwritten(msg.queue)
+
+    def _forget_unwritten(self, queue):
+        left = self.unwritten[queue] - 1
+        if left:
+            self.unwritten[queue] = left
+        else:
+            del self.unwritten[queue]
+
+    def commit(self):
+        """Write the durable batch and the deletes, and sync. Raises StorageError; then the batch
+        moves into the cache, to be written by a later flush."""
+        if not (self.batch or self.sync_wanted):
+            return
+        batch, self.batch = self.batch, []
+        self.sync_wanted = False
+        try:
+            self._write(batch)
+        except self.StorageError:
+            for msg in batch:
+                if msg.state is BATCHED:
+                    msg.state = CACHED
+                    self.cache[msg.id] = msg
+            raise
+
+    def flush(self):
+        """Write everything unwritten and sync; when unhealthy, also try whether storage is back."""
+        if self.healthy and not (self.cache or self.batch or self.deletes):
+            return
+        cached = list(self.cache.values())
+        self.cache.clear()
+        batch, self.batch = self.batch, []
+        try:
+            self._write(batch + cached)
+        except self.StorageError:
+            for msg in batch + cached:
+                if msg.state is not None and msg.state != "acked":
+                    msg.state = CACHED
+                    self.cache[msg.id] = msg
+            raise
+
+    def _write(self, msgs):
+        rows = [msg.row() for msg in msgs if msg.state in (CACHED, BATCHED)]
+        try:
+            if rows:
+                self.backend.insert(rows)
+            if self.deletes:
+                self.backend.delete(self.deletes)
+            self.backend.commit()
+        except self.StorageError:
+            self.healthy = False
+            raise
+        self.healthy = True
+        self.deletes = []
+        for msg in msgs:
+            if msg.state in (CACHED, BATCHED):
+                msg.state = None
+                self._forget_unwritten(msg.queue)
+
+    def fetch(self, queue, after, limit):
+        try:
+            if queue in self.unwritten:
+                self.flush()
+            self._apply_deletes()
+            rows = self.backend.fetch(queue, after, limit)
+        except self.StorageError:
+            self.healthy = False
+            raise
+        return [Message.from_row(queue, row) for row in rows]
+
+    def count(self, queue):
+        try:
+            self._apply_deletes()
+            return self.backend.count(queue) + self.unwritten.get(queue, 0)
+        except self.StorageError:
+            self.healthy = False
+            raise
+
+    def _apply_deletes(self):
+        """Delete ACKed rows now (in the open transaction), so that reads do not see them."""
+        if self.deletes:
+            self.backend.delete(self.deletes)
+            self.deletes = []
+
+    def cached(self):
+        return len(self.cache)
+
+    def close(self):
+        self.flush()
+        self.backend.close()
+
+
+class Client:
+    """One connection's broker-side state. The broker appends frames to `outbox` and sets
+    `closing`; the reactor writes the outbox, keeps `last_input`/`last_output`, and closes."""
+    __slots__ = ("session", "peer", "parser", "version", "connected", "closing", "outbox",
+                 "subscriptions", "deliveries", "auto_acked", "transactions", "paused",
+                 "last_input", "last_output", "timers", "__weakref__")
+
+    def __init__(self, session, peer, parser):
+        self.session = session
+        self.peer = peer
+        self.parser = parser
+        self.version = "1.0"
+        self.connected = False
+        self.closing = False
+        self.outbox = bytearray()
+        self.subscriptions = {}   # subscription id -> Subscription
+        self.deliveries = {}      # message-id -> Subscription, for this client's unacked messages
+        self.auto_acked = []      # (subscription, message-id) ACKed once the outbox is written
+        self.transactions = {}    # transaction id -> [(command handler, frame), ...]
+        self.paused = False       # outbox above the high-water mark: no queue deliveries
+        self.last_input = self.last_output = 0.0
+        self.timers = []
+
+
+class Subscription:
+    """A client's subscription to a queue or a topic (exact name or, with `prefix`, a prefix)."""
+    __slots__ = ("client", "id", "destination", "name", "is_queue", "prefix", "ack_mode",
+                 "prefetch", "unacked")
+
+    def __init__(self, client, sub_id, destination, name, is_queue, prefix, ack_mode, prefetch):
+        self.client = client
+        self.id = sub_id
+        self.destination = destination
+        self.name = name
+        self.is_queue = is_queue
+        self.prefix = prefix
+        self.ack_mode = ack_mode
+        self.prefetch = prefetch
+        self.unacked = {}         # message-id -> Message delivered and not ACKed, in order
+
+    def has_room(self):
+        return len(self.unacked) < self.prefetch and not self.client.paused
+
+
+class Queue:
+    """An active queue: one with subscribers. It holds a window of its next messages in a heap
+    of (rank, id, Message), and `cursor`, the greatest key it ever took into memory. While
+    `backlog_on_disk`, the store may hold messages of this queue that sort after the cursor and
+    are not in memory; every message in memory sorts at or before it, so reading on from the
+    cursor never fetches a message twice. Otherwise every stored message of the queue is in
+    memory (in the heap or delivered), so any new one can join the heap."""
+    __slots__ = ("name", "subscribers", "ready", "heap", "backlog_on_disk", "cursor")
+
+    WINDOW = 2000                 # messages held in memory before new ones are left on disk
+
+    def __init__(self, name):
+        self.name = name
+        self.subscribers = 0
+        self.ready = {}           # subscriptions with room, in round-robin order (dict as list)
+        self.heap = []
+        self.backlog_on_disk = True
+        self.cursor = (-2 ** 63, 0)
+
+
+def parse_int(value, what, low=-2 ** 63 + 1, high=2 ** 63 - 1):
+    if not re.fullmatch(r"-?[0-9]{1,19}", value) or not low <= int(value) <= high:
+        raise ClientError(f"invalid {what} {value[:40]!r}")
+    return int(value)
+
+
+class Broker:
+    """The STOMP broker. The reactor calls connection_made, data_received, output_written,
+    connection_lost and end_of_turn; everything else happens in the command handlers below."""
+
+    HIGH_WATER = 1024 * 1024      # pause queue deliveries to a client above this much unsent
+    FETCH_BATCH = 500
+    CONNECT_DEADLINE = 10.0
+
+    def __init__(self, store, call_later, clock=time.monotonic, login=None, passcode=None,
+                 max_prefetch=100, max_pending=64 * 1024 * 1024, maxmsgs=100000,
+                 flush_period=1.0, max_frame_size=16 * 1024 * 1024):
+        self.store = store
+        self.call_later = call_later
+        self.clock = clock
+        self.login = login
+        self.passcode = passcode
+        self.max_prefetch = max_prefetch
+        self.max_pending = max_pending
+        self.maxmsgs = maxmsgs
+        self.max_frame_size = max_frame_size
+        self.queues = {}            # name -> Queue, for queues with subscribers
+        self.topics = {}            # name -> {Subscription: None}
+        self.prefixes = {}          # prefix -> {Subscription: None}
+        self.prefix_lengths = {}    # length -> how many prefixes of that length are subscribed
+        self.next_id = max(store.backend.max_id(), time.time_ns() // 1000) + 1
+        self.sessions = 0
+        self.written = set()        # clients whose outbox got bytes this turn
+        self.awaiting_sync = {}     # client -> outbox length before its first durable RECEIPT
+        self.flush_period = flush_period
+        call_later(flush_period, self.periodic_flush)
+
+    # ---- what the reactor calls ------------------------------------------------------------
+
+    def connection_made(self, peer):
+        self.sessions += 1
+        client = Client(f"session-{self.sessions}", peer, FrameParser(self.max_frame_size))
+        client.last_input = client.last_output = self.clock()
+        client.timers.append(self.call_later(self.CONNECT_DEADLINE, self.connect_deadline, client))
+        return client
+
+    def data_received(self, client, data):
+        """Handle every complete frame in `data`; a bad one ends the connection with an ERROR."""
+        if client.closing:
+            return
+        frame = None
+        try:
+            client.parser.feed(data)
+            while not client.closing:
+                frame = client.parser.next_frame()
+                if frame is None:
+                    return
+                self.handle(client, frame)
+                frame = None
+        except (ProtocolError, ClientError) as e:
+            self.fail(client, str(e), frame)
+        except self.store.StorageError as e:
+            log.error("storage failed: %s", e)
+            self.fail(client, f"storage unavailable: {e}", frame)
+
+    def connection_lost(self, client):
+        """The socket is gone: every unacked queue message goes back to its queue at once."""
+        if client.connected or client.subscriptions:
+            log.debug("%s: connection closed", client.session)
+        client.closing = True
+        self.release(client)
+
+    def output_written(self, client):
+        """The reactor wrote some of the outbox. Auto-ack what is fully written; resume queue
+        deliveries once the outbox is below the high-water mark."""
+        touched = set()
+        if not client.outbox and client.auto_acked:
+            acked, client.auto_acked = client.auto_acked, []
+            for sub, msg_id in acked:
+                msg = sub.unacked.pop(msg_id, None)
+                if msg is not None:
+                    self.store.ack(msg)
+                    touched.add(sub)
+        if client.paused and len(client.outbox) < self.HIGH_WATER:
+            client.paused = False
+            touched.update(s for s in client.subscriptions.values() if s.is_queue)
+        for sub in touched:
+            self.make_ready(sub)
+
+    def end_of_turn(self):
+        """Group commit: sync this turn's receipted messages before any RECEIPT is written.
+        If the disk write fails, the receipts that waited for it become ERRORs."""
+        try:
+            self.store.commit()
+        except self.store.StorageError as e:
+            log.error("storage failed, receipted SENDs get ERRORs until it is back: %s", e)
+            for client, mark in list(self.awaiting_sync.items()):
+                del client.outbox[mark:]
+                self.fail(client, "message could not be stored: storage unavailable")
+        self.awaiting_sync.clear()
+        if self.store.cached() > self.maxmsgs:
+            self.flush()
+
+    # ---- sending to clients ----------------------------------------------------------------
+
+    def send(self, client, data):
+        client.outbox += data
+        self.written.add(client)
+        if len(client.outbox) > self.HIGH_WATER:
+            client.paused = True
+            if len(client.outbox) > self.max_pending:
+                self.fail(client, "slow consumer: too much unsent output")
+
+    def send_frame(self, client, command, headers, body=None):
+        self.send(client, encode_frame(command, headers, body, client.version))
+
+    def receipt(self, client, frame, **extra):
+        receipt_id = frame.headers.get("receipt")
+        if receipt_id is not None:
+            self.send_frame(client, "RECEIPT", [("receipt-id", receipt_id), *extra.items()])
+
+    def fail(self, client, message, frame=None):
+        """The one place that answers a client's mistake: ERROR, then close, and release."""
+        if client.closing:
+            return
+        log.info("%s: ERROR %s", client.session, message)
+        headers = [("message", message)]
+        if frame is not None and "receipt" in frame.headers:
+            headers.append(("receipt-id", frame.headers["receipt"]))
+        self.send_frame(client, "ERROR", headers, message.encode() + b"\n")
+        self.close(client)
+
+    def close(self, client):
+        """Close after the outbox is written; unacked messages go back to their queues now."""
+        client.closing = True
+        self.written.add(client)
+        self.release(client)
+
+    # ---- frames ------------------------------------------------------------------------------
+
+    def handle(self, client, frame):
+        handler = self.COMMANDS.get(frame.command)
+        if handler is None:
+            raise ClientError(f"unknown command {frame.command[:40]!r}")
+        if not client.connected and handler not in (Broker.cmd_connect,):
+            raise ClientError("the first frame must be CONNECT or STOMP")
+        tx = frame.headers.get("transaction")
+        if tx is not None and handler in (Broker.cmd_send, Broker.cmd_ack, Broker.cmd_nack):
+            if tx not in client.transactions:
+                raise ClientError(f"unknown transaction {tx[:40]!r}")
+            self.check(client, frame, handler)
+            client.transactions[tx].append((handler, frame))
+            self.receipt(client, frame)
+            return
+        handler(self, client, frame)
+
+    def check(self, client, frame, handler):
+        """Validate a frame taken into a transaction now, so that COMMIT cannot fail halfway."""
+        if handler is Broker.cmd_send:
+            self.parse_send(frame)
+
+    def cmd_connect(self, client, frame):
+        if client.connected:
+            raise ClientError("already connected")
+        h = frame.headers
+        accepted = h.get("accept-version", "1.0").split(",")
+        common = [v for v in VERSIONS if v in (a.strip() for a in accepted)]
+        if not common:
+            self.send_frame(client, "ERROR", [("version", ",".join(VERSIONS)),
+                                              ("message", "no common protocol version")],
+                            b"Supported protocol versions are " + ",".join(VERSIONS).encode())
+            self.close(client)
+            return
+        if self.login is not None and (h.get("login") != self.login
+                                       or h.get("passcode") != self.passcode):
+            raise ClientError("wrong login or passcode")
+        version = common[-1]
+        client.version = client.parser.version = version
+        client.connected = True
+        client.timers.pop(0).cancel()
+        headers = [("version", version), ("session", client.session), ("server", SERVER_NAME)]
+        if version != "1.0":
+            headers.append(("heart-beat", self.negotiate_heartbeat(client, h.get("heart-beat"))))
+        self.send_frame(client, "CONNECTED", headers)
+
+    def negotiate_heartbeat(self, client, value):
+        """The client's cx,cy becomes our sx=cy, sy=cx (each 0, or at least 100 ms)."""
+        try:
+            cx, cy = (int(v) for v in (value or "0,0").split(","))
+            if cx < 0 or cy < 0:
+                raise ValueError
+        except ValueError:
+            raise ClientError(f"bad heart-beat header {value[:40]!r}") from None
+        send_every = max(cy, 100) if cy else 0
+        expect_every = max(cx, 100) if cx else 0
+        if send_every:
+            client.timers.append(self.call_later(send_every / 1000, self.beat, client,
+                                                 send_every / 1000))
+        if expect_every:
+            client.timers.append(self.call_later(2 * expect_every / 1000, self.check_alive,
+                                                 client, 2 * expect_every / 1000))
+        return f"{send_every},{expect_every}"
+
+    def parse_destination(self, destination):
+        """('queue'|'topic'|'control', name) from a destination, or a ClientError."""
+        if destination is None:
+            raise ClientError("missing destination header")
+        kind, _, name = destination.lstrip("/").partition("/")
+        if not destination.startswith("/") or kind not in ("queue", "topic", "control") \
+                or not name:
+            raise ClientError(f"unknown destination {destination[:100]!r}")
+        return kind, name
+
+    def parse_send(self, frame):
+        h = frame.headers
+        kind, name = self.parse_destination(h.get("destination"))
+        if kind != "control" and name.endswith("*"):
+            raise ClientError("cannot SEND to a destination ending in '*'")
+        priority = parse_int(h.get("priority", "0"), "priority")
+        ack_timeout = h.get("ack-timeout")
+        if ack_timeout is not None:
+            try:
+                ack_timeout = float(ack_timeout)
+            except ValueError:
+                ack_timeout = -1.0
+            if not (math.isfinite(ack_timeout) and ack_timeout >= 0):
+                raise ClientError(f"invalid ack-timeout {h['ack-timeout'][:40]!r}")
+            ack_timeout = ack_timeout or None
+        return kind, name, -priority, ack_timeout
+
+    PASSED_HEADERS_EXCLUDED = frozenset(("destination", "receipt", "transaction", "content-length",
+                                         "message-id", "subscription", "ack", "redelivered"))
+
+    def cmd_send(self, client, frame, durable=None):
+        kind, name, rank, ack_timeout = self.parse_send(frame)
+        if durable is None:
+            durable = "receipt" in frame.headers
+        if kind == "control":
+            return self.control(client, frame, name)
+        headers = [(k, v) for k, v in frame.headers.items()
+                   if k not in self.PASSED_HEADERS_EXCLUDED]
+        msg = Message(self.next_id, name if kind == "queue" else None, rank, ack_timeout,
+                      headers, frame.body)
+        self.next_id += 1
+        if kind == "topic":
+            self.publish(msg, name)
+        else:
+            if durable and not self.store.healthy:
+                raise ClientError("message not stored: storage unavailable")
+            self.store.save(msg, durable)
+            queue = self.queues.get(name)
+            if queue is not None:
+                self.offer(queue, msg)
+                self.dispatch(queue)
+            if durable and "receipt" in frame.headers and client not in self.awaiting_sync:
+                self.awaiting_sync[client] = len(client.outbox)
+        self.receipt(client, frame)
+
+    def control(self, client, frame, name):
+        what, _, target = name.partition("/")
+        kind, target = self.parse_destination("/" + target) if target else (None, None)
+        if what == "count-msgs" and kind == "queue":
+            answer = {"num-messages": str(self.store.count(target))}
+        elif what == "count-subscribers" and kind == "queue":
+            queue = self.queues.get(target)
+            answer = {"num-subscribers": str(queue.subscribers if queue else 0)}
+        elif what == "count-subscribers" and kind == "topic":
+            answer = {"num-subscribers": str(sum(len(subs) for subs in self.topic_subscribers(
+                target)))}
+        else:
+            raise ClientError(f"unknown control destination /control/{name[:100]}")
+        self.receipt(client, frame, **answer)
+
+    def cmd_subscribe(self, client, frame):
+        h = frame.headers
+        destination = h.get("destination")
+        kind, name = self.parse_destination(destination)
+        if kind == "control":
+            raise ClientError("cannot SUBSCRIBE to a control destination")
+        sub_id = h.get("id", destination if client.version == "1.0" else None)
+        if sub_id is None:
+            raise ClientError("SUBSCRIBE needs an id header")
+        if sub_id in client.subscriptions:
+            raise ClientError(f"duplicate subscription id {sub_id[:100]!r}")
+        ack_mode = h.get("ack", "auto")
+        if ack_mode not in ("auto", "client", "client-individual"):
+            raise ClientError(f"invalid ack mode {ack_mode[:40]!r}")
+        prefetch = parse_int(h.get("prefetch", "0"), "prefetch")
+        prefetch = self.max_prefetch if prefetch <= 0 else min(prefetch, self.max_prefetch)
+        prefix = kind == "topic" and name.endswith("*")
+        if prefix:
+            name = name[:-1]
+        sub = Subscription(client, sub_id, destination, name, kind == "queue", prefix,
+                           ack_mode, prefetch)
+        client.subscriptions[sub_id] = sub
+        if sub.is_queue:
+            queue = self.queues.get(name)
+            if queue is None:
+                queue = self.queues[name] = Queue(name)
+            queue.subscribers += 1
+            self.make_ready(sub)
+        elif prefix:
+            self.prefixes.setdefault(name, {})[sub] = None
+            if len(self.prefixes[name]) == 1:
+                self.prefix_lengths[len(name)] = self.prefix_lengths.get(len(name), 0) + 1
+        else:
+            self.topics.setdefault(name, {})[sub] = None
+        self.receipt(client, frame)
+
+    def cmd_unsubscribe(self, client, frame):
+        h = frame.headers
+        sub = client.subscriptions.get(h.get("id"))
+        if sub is None and client.version == "1.0" and "destination" in h:
+            sub = next((s for s in client.subscriptions.values()
+                        if s.destination == h["destination"]), None)
+        if sub is None:
+            raise ClientError("UNSUBSCRIBE of an unknown subscription")
+        self.unsubscribe(sub)
+        self.receipt(client, frame)
+
+    def cmd_ack(self, client, frame):
+        subs = set()
+        for sub, msg in self.acked_messages(client, frame):
+            self.store.ack(msg)
+            subs.add(sub)
+        for sub in subs:
+            self.make_ready(sub)
+        if "receipt" in frame.headers:
+            self.store.sync_wanted = True
+        self.receipt(client, frame)
+
+    def cmd_nack(self, client, frame):
+        queues = set()
+        for sub, msg in self.acked_messages(client, frame):
+            queues.add(self.requeue(sub, msg))
+            self.make_ready(sub, dispatch=False)
+        for queue in queues:
+            if queue is not None:
+                self.dispatch(queue)
+        self.receipt(client, frame)
+
+    def acked_messages(self, client, frame):
+        """The (subscription, message) pairs an ACK or NACK settles, taken out of the client's
+        deliveries. Cumulative in `client` mode since 1.1; an unknown id settles nothing."""
+        h = frame.headers
+        msg_id = h.get("id", h.get("message-id"))
+        if msg_id is None:
+            raise ClientError(f"{frame.command} needs an id or message-id header")
+        sub = client.deliveries.get(msg_id)
+        if sub is None:
+            if msg_id != h.get("message-id") and h.get("message-id") in client.deliveries:
+                msg_id = h["message-id"]
+                sub = client.deliveries[msg_id]
+            else:
+                return []
+        if sub.ack_mode == "client" and client.version != "1.0":
+            ids = []
+            for earlier in sub.unacked:
+                ids.append(earlier)
+                if earlier == msg_id:
+                    break
+        else:
+            ids = [msg_id]
+        settled = []
+        for i in ids:
+            del client.deliveries[i]
+            settled.append((sub, sub.unacked.pop(i)))
+        return settled
+
+    def cmd_begin(self, client, frame):
+        tx = self.transaction_id(frame)
+        if tx in client.transactions:
+            raise ClientError(f"transaction {tx[:40]!r} already begun")
+        client.transactions[tx] = []
+        self.receipt(client, frame)
+
+    def cmd_commit(self, client, frame):
+        tx = self.transaction_id(frame)
+        if tx not in client.transactions:
+            raise ClientError(f"unknown transaction {tx[:40]!r}")
+        durable = "receipt" in frame.headers
+        for handler, inner in client.transactions.pop(tx):
+            inner.headers.pop("receipt", None)
+            if handler is Broker.cmd_send:
+                handler(self, client, inner, durable=durable)
+                if durable and client not in self.awaiting_sync:
+                    self.awaiting_sync[client] = len(client.outbox)
+            else:
+                handler(self, client, inner)
+        self.receipt(client, frame)
+
+    def cmd_abort(self, client, frame):
+        tx = self.transaction_id(frame)
+        if client.transactions.pop(tx, None) is None:
+            raise ClientError(f"unknown transaction {tx[:40]!r}")
+        self.receipt(client, frame)
+
+    def transaction_id(self, frame):
+        tx = frame.headers.get("transaction")
+        if tx is None:
+            raise ClientError(f"{frame.command} needs a transaction header")
+        return tx
+
+    def cmd_disconnect(self, client, frame):
+        self.receipt(client, frame)
+        self.close(client)
+
+    COMMANDS = {"CONNECT": cmd_connect, "STOMP": cmd_connect, "SEND": cmd_send,
+                "SUBSCRIBE": cmd_subscribe, "UNSUBSCRIBE": cmd_unsubscribe, "ACK": cmd_ack,
+                "NACK": cmd_nack, "BEGIN": cmd_begin, "COMMIT": cmd_commit, "ABORT": cmd_abort,
+                "DISCONNECT": cmd_disconnect}
+
+    # ---- topics --------------------------------------------------------------------------------
+
+    def topic_subscribers(self, name):
+        """The subscriber dicts that match topic `name`: exact, then each subscribed prefix."""
+        found = []
+        exact = self.topics.get(name)
+        if exact:
+            found.append(exact)
+        for length in self.prefix_lengths:
+            if length <= len(name):
+                subs = self.prefixes.get(name[:length])
+                if subs:
+                    found.append(subs)
+        return found
+
+    def publish(self, msg, name):
+        """Deliver a topic message to every matching subscription, once each. Not stored."""
+        destination = "/topic/" + name
+        for subs in self.topic_subscribers(name):
+            for sub in list(subs):
+                if not sub.client.closing:
+                    self.send_message(sub, msg, destination)
+
+    # ---- queues --------------------------------------------------------------------------------
+
+    def offer(self, queue, msg):
+        """A new or returned message for an active queue: into its window, unless the window is
+        full or the message sorts after messages still on disk; then the store has it for later."""
+        key = (msg.rank, msg.id)
+        if not queue.backlog_on_disk and len(queue.heap) >= Queue.WINDOW:
+            queue.backlog_on_disk = True
+        if queue.backlog_on_disk:
+            if key > queue.cursor:
+                return
+        elif key > queue.cursor:
+            queue.cursor = key
+        heapq.heappush(queue.heap, (msg.rank, msg.id, msg))
+
+    def next_message(self, queue):
+        """Pop the queue's next message, reading the next batch from the store when needed."""
+        if not queue.heap and queue.backlog_on_disk:
+            if not self.store.healthy:
+                return None
+            try:
+                msgs = self.store.fetch(queue.name, queue.cursor, self.FETCH_BATCH)
+            except self.store.StorageError as e:
+                log.error("storage failed reading queue %s: %s", queue.name, e)
+                return None
+            for msg in msgs:
+                heapq.heappush(queue.heap, (msg.rank, msg.id, msg))
+            if msgs:
+                queue.cursor = (msgs[-1].rank, msgs[-1].id)
+            if len(msgs) < self.FETCH_BATCH:
+                queue.backlog_on_disk = False
+        return heapq.heappop(queue.heap)[2] if queue.heap else None
+
+    def dispatch(self, queue):
+        """Hand the queue's messages to its ready subscriptions, round-robin."""
+        ready = queue.ready
+        while ready:
+            sub = next(iter(ready))
+            if not sub.has_room():
+                del ready[sub]
+                continue
+            msg = self.next_message(queue)
+            if msg is None:
+                return
+            del ready[sub]
+            self.deliver(sub, msg)
+            if sub.has_room():
+                ready[sub] = None
+
+    def make_ready(self, sub, dispatch=True):
+        """The subscription may have room again: put it in its queue's rotation."""
+        if sub.is_queue and sub.has_room() and not sub.client.closing:
+            queue = self.queues.get(sub.name)
+            if queue is not None:
+                queue.ready.setdefault(sub, None)
+                if dispatch:
+                    self.dispatch(queue)
+
+    def deliver(self, sub, msg):
+        """Write a queue message to a subscriber and remember it until it is ACKed."""
+        client = sub.client
+        msg_id = str(msg.id)
+        sub.unacked[msg_id] = msg
+        if sub.ack_mode == "auto":
+            client.auto_acked.append((sub, msg_id))
+        else:
+            client.deliveries[msg_id] = sub
+        if msg.ack_timeout:
+            self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id, msg)
+        self.send_message(sub, msg, "/queue/" + msg.queue)
+
+    def send_message(self, sub, msg, destination):
+        client = sub.client
+        version = client.version
+        msg_id = str(msg.id)
+        escape = ESCAPE_TABLES[version]
+        head = [f"MESSAGE\nsubscription:{sub.id.translate(escape)}\nmessage-id:{msg_id}\n"]
+        if version == "1.2" and sub.ack_mode != "auto":
+            head.append(f"ack:{msg_id}\n")
+        if msg.redelivered:
+            head.append("redelivered:true\n")
+        tails = msg.tails
+        if tails is None:
+            tails = msg.tails = {}
+        tail = tails.get(version)
+        if tail is None:
+            lines = [f"destination:{destination}\n"]
+            lines.extend(f"{k.translate(escape)}:{v.translate(escape)}\n" for k, v in msg.headers)
+            lines.append(f"content-length:{len(msg.body)}\n\n")
+            tail = tails[version] = "".join(lines).encode() + msg.body + b"\0\n"
+        self.send(client, "".join(head).encode() + tail)
+        if msg.queue is not None:
+            msg.tails = None          # queue messages go out once; do not keep a second copy
+
+    def requeue(self, sub, msg):
+        """Put a delivered message back in its queue, marked redelivered; returns the queue."""
+        msg.redelivered = True
+        queue = self.queues.get(sub.name)
+        if queue is not None:
+            self.offer(queue, msg)
+        return queue
+
+    def ack_timeout_passed(self, sub, msg_id, msg):
+        """Take the message back and give it to another ready subscriber if there is one."""
+        if sub.unacked.get(msg_id) is not msg:
+            return
+        log.debug("%s: ack-timeout of message %s", sub.client.session, msg_id)
+        del sub.unacked[msg_id]
+        sub.client.deliveries.pop(msg_id, None)
+        queue = self.requeue(sub, msg)
+        if queue is not None:
+            queue.ready.pop(sub, None)
+            self.dispatch(queue)
+            self.make_ready(sub)
+
+    def unsubscribe(self, sub):
+        """Remove a subscription; its unacked queue messages go back to the queue at once."""
+        client = sub.client
+        del client.subscriptions[sub.id]
+        if not sub.is_queue:
+            index = self.prefixes if sub.prefix else self.topics
+            subs = index[sub.name]
+            del subs[sub]
+            if not subs:
+                del index[sub.name]
+                if sub.prefix:
+                    n = self.prefix_lengths[len(sub.name)] - 1
+                    if n:
+                        self.prefix_lengths[len(sub.name)] = n
+                    else:
+                        del self.prefix_lengths[len(sub.name)]
+            return
+        queue = self.queues[sub.name]
+        queue.ready.pop(sub, None)
+        queue.subscribers -= 1
+        for msg_id, msg in sub.unacked.items():
+            client.deliveries.pop(msg_id, None)
+            self.requeue(sub, msg)
+        sub.unacked = {}
+        if queue.subscribers == 0:
+            del self.queues[sub.name]
+        else:
+            self.dispatch(queue)
+
+    def release(self, client):
+        """The client is going away: drop its subscriptions, transactions and timers."""
+        for timer in client.timers:
+            timer.cancel()
+        client.timers = []
+        client.transactions.clear()
+        client.auto_acked = []
+        for sub in list(client.subscriptions.values()):
+            self.unsubscribe(sub)
+
+    # ---- timers ---------------------------------------------------------------------------------
+
+    def connect_deadline(self, client):
+        if not client.connected and not client.closing:
+            log.info("%s: no CONNECT within %gs, closing", client.session, self.CONNECT_DEADLINE)
+            self.close(client)
+
+    def beat(self, client, interval):
+        """Send an EOL if nothing else went out for `interval` seconds."""
+        if client.closing:
+            return
+        now = self.clock()
+        if now - client.last_output >= interval * 0.9 and not client.outbox:
+            self.send(client, b"\n")
+            client.last_output = now
+        client.timers.append(self.call_later(
+            max(0.01, client.last_output + interval - now), self.beat, client, interval))
+        self.prune_timers(client)
+
+    def check_alive(self, client, grace):
+        """Close a connection from which nothing arrived for `grace` seconds."""
+        if client.closing:
+            return
+        now = self.clock()
+        if now - client.last_input >= grace:
+            log.info("%s: no heart-beat for %gs, closing", client.session, grace)
+            self.close(client)
+            return
+        client.timers.append(self.call_later(client.last_input + grace - now, self.check_alive,
+                                             client, grace))
+        self.prune_timers(client)
+
+    @staticmethod
+    def prune_timers(client):
+        if len(client.timers) > 8:
+            client.timers = [t for t in client.timers if not t.cancelled and not t.fired]
+
+    def periodic_flush(self):
+        self.flush()
+        self.call_later(self.flush_period, self.periodic_flush)
+
+    def flush(self):
+        was_healthy = self.store.healthy
+        try:
+            self.store.flush()
+        except self.store.StorageError as e:
+            if was_healthy:
+                log.error("storage failed, keeping messages in memory: %s", e)
+            return
+        if not was_healthy:
+            log.warning("storage is back")
+            for queue in list(self.queues.values()):
+                self.dispatch(queue)
+
+    def shutdown(self):
+        """Flush the cache and close the store (SIGINT/SIGTERM)."""
+        self.store.close()
+
+
+# ==============================================================================================
+# 3. The reactor: one thread, selectors, non-blocking sockets, heapq timers.
+# ==============================================================================================
+
+class Timer:
+    __slots__ = ("deadline", "callback", "args", "cancelled", "fired")
+
+    def __init__(self, deadline, callback, args):
+        self.deadline = deadline
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+        self.fired = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Reactor:
+    """Accept connections, read frames into the broker, write outboxes, run timers.
+
+    Each turn: run the due timers, wait on the sockets until the next timer, hand what was read
+    to the broker, let the broker commit its durable batch, then write every touched outbox with
+    one send call each (more only if the kernel takes less)."""
+
+    READ_SIZE = 256 * 1024
+    CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
+
+    def __init__(self, listener, clock=time.monotonic):
+        self.listener = listener
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        self.timers = []          # heap of (deadline, sequence, Timer)
+        self.sequence = 0
+        self.sockets = {}         # Client -> socket
+        self.draining = set()     # closing clients given CLOSE_GRACE to drain their outbox
+        self.stopping = False
+        self.broker = None
+        self.wakeup_r, self.wakeup_w = socket.socketpair()
+        for s in (self.wakeup_r, self.wakeup_w):
+            s.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, "listener")
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
+
+    def call_later(self, delay, callback, *args):
+        timer = Timer(self.clock() + delay, callback, args)
+        self.sequence += 1
+        heapq.heappush(self.timers, (timer.deadline, self.sequence, timer))
+        return timer
+
+    def run_due_timers(self):
+        """Run every timer that is due; return how long to wait for the next one."""
+        timers = self.timers
+        while timers:
+            deadline, _, timer = timers[0]
+            if timer.cancelled:
+                heapq.heappop(timers)
+                continue
+            now = self.clock()
+            if deadline > now:
+                return deadline - now
+            heapq.heappop(timers)
+            timer.fired = True
+            timer.callback(*timer.args)
+        return None
+
+    def run(self):
+        broker = self.broker
+        while not self.stopping:
+            timeout = self.run_due_timers()
+            self.flush_outboxes()
+            for key, events in self.selector.select(timeout):
+                if key.data == "listener":
+                    self.accept()
+                elif key.data == "wakeup":
+                    self.drain_wakeup()
+                else:
+                    client = key.data
+                    if events & selectors.EVENT_READ:
+                        self.read(client)
+                    if events & selectors.EVENT_WRITE:
+                        self.write(client)
+            broker.end_of_turn()
+            self.flush_outboxes()
+        self.stop()
+
+    def accept(self):
+        for _ in range(256):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:         # out of file descriptors, and the like: keep going
+                log.error("accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = self.broker.connection_made(f"{peer[0]}:{peer[1]}")
+            self.sockets[client] = sock
+            self.selector.register(sock, selectors.EVENT_READ, client)
+
+    def read(self, client):
+        sock = self.sockets.get(client)
+        if sock is None:
+            return
+        try:
+            data = sock.recv(self.READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(client)
+            return
+        client.last_input = self.clock()
+        self.broker.data_received(client, data)
+        if client.closing:
+            self.write(client)
+
+    def flush_outboxes(self):
+        written, self.broker.written = self.broker.written, set()
+        for client in written:
+            self.write(client)
+
+    def write(self, client):
+        sock = self.sockets.get(client)
+        if sock is None:
+            return
+        outbox = client.outbox
+        if outbox:
+            try:
+                sent = sock.send(outbox)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close(client)
+                return
+            if sent:
+                del outbox[:sent]
+                client.last_output = self.clock()
+                self.broker.output_written(client)
+        if client.closing and not outbox:
+            self.close(client)
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if outbox else 0)
+        if client.closing:            # stop reading; give the outbox a little time to drain
+            want = selectors.EVENT_WRITE
+            if client not in self.draining:
+                self.draining.add(client)
+                self.call_later(self.CLOSE_GRACE, self.close, client)
+        if self.selector.get_key(sock).events != want:
+            self.selector.modify(sock, want, client)
+
+    def close(self, client):
+        self.draining.discard(client)
+        sock = self.sockets.pop(client, None)
+        if sock is None:
+            return
+        self.selector.unregister(sock)
+        sock.close()
+        self.broker.connection_lost(client)
+
+    def drain_wakeup(self):
+        try:
+            while self.wakeup_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def request_stop(self, signum, frame):
+        self.stopping = True
+
+    def stop(self):
+        """Stop accepting, handle what already arrived, flush and close everything."""
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        for client in list(self.sockets):
+            sock = self.sockets[client]
+            for _ in range(64):
+                try:
+                    data = sock.recv(self.READ_SIZE)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.broker.data_received(client, data)
+        self.broker.end_of_turn()
+        for client in list(self.sockets):
+            client.closing = True
+            self.write(client)
+        for client in list(self.sockets):
+            self.close(client)
+        self.broker.shutdown()
+
+
+# ==============================================================================================
+# 4. Command line
+# ==============================================================================================
+
+USAGE = """\
+Usage: python3 ocamlmq.py [options] [sqlite3 database (default: ocamlmq.db)]
+  -port PORT              TCP port to listen on (default: 61613)
+  -address ADDR           address to bind (default: 127.0.0.1; 0.0.0.0 for all interfaces)
+  -login LOGIN            login that CONNECT must carry (default: none, open)
+  -passcode PASSCODE      passcode that CONNECT must carry (default: none)
+  -maxmsgs N              flush the in-memory cache when it holds more than N messages
+                          (default: 100000)
+  -flush-period DT        flush the in-memory cache every DT seconds (default: 1.0)
+  -max-prefetch N         cap and default of a subscription's prefetch (default: 100)
+  -max-frame-size BYTES   largest frame accepted, headers and body (default: 16777216)
+  -max-pending BYTES      unsent output after which a connection is closed (default: 67108864)
+  -pg CONNINFO            store messages in PostgreSQL (libpq conninfo or postgresql:// URI;
+                          PG* environment variables apply) instead of the sqlite file
+  -debug                  debug logging to stderr
+  -help, --help           show this help"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError
+    return value
+
+
+def port_number(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError
+    return value
+
+
+OPTIONS = {  # flag -> (setting, conversion); None means a flag without a value
+    "port": ("port", port_number), "address": ("address", str), "login": ("login", str),
+    "passcode": ("passcode", str), "maxmsgs": ("maxmsgs", positive_int),
+    "flush-period": ("flush_period", positive_float), "max-prefetch": ("max_prefetch",
+                                                                       positive_int),
+    "max-frame-size": ("max_frame_size", positive_int),
+    "max-pending": ("max_pending", positive_int), "pg": ("pg", str), "debug": ("debug", None),
+}
+
+
+def parse_args(argv):
+    settings = {"port": 61613, "address": "127.0.0.1", "login": None, "passcode": None,
+                "maxmsgs": 100000, "flush_period": 1.0, "max_prefetch": 100,
+                "max_frame_size": 16 * 1024 * 1024, "max_pending": 64 * 1024 * 1024,
+                "pg": None, "debug": False, "database": "ocamlmq.db"}
+    positional = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-help", "--help", "-h"):
+            print(USAGE)
+            sys.exit(0)
+        if arg.startswith("-") and len(arg) > 1:
+            name = arg.lstrip("-")
+            if name not in OPTIONS:
+                raise UsageError(f"unknown option {arg}")
+            setting, convert = OPTIONS[name]
+            if convert is None:
+                settings[setting] = True
+                continue
+            if not args:
+                raise UsageError(f"option {arg} needs a value")
+            value = args.pop(0)
+            try:
+                settings[setting] = convert(value)
+            except ValueError:
+                raise UsageError(f"bad value for {arg}: {value!r}") from None
+        else:
+            positional.append(arg)
+    if len(positional) > 1:
+        raise UsageError("more than one database given")
+    if positional:
+        settings["database"] = positional[0]
+    return settings
+
+
+def open_backend(settings):
+    """(backend, its StorageError class) for the settings; raises that StorageError."""
+    if settings["pg"] is not None:
+        import storage_pg
+        return storage_pg.PgBackend(settings["pg"]), storage_pg.StorageError
+    import storage_sqlite
+    return storage_sqlite.SqliteBackend(settings["database"]), storage_sqlite.StorageError
+
+
+def raise_open_file_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def main(argv):
+    try:
+        settings = parse_args(argv)
+    except UsageError as e:
+        print(f"ocamlmq.py: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if settings["debug"] else logging.INFO,
+                        format="%(asctime)s ocamlmq %(levelname)s %(message)s")
+    raise_open_file_limit()
+    try:
+        listener = socket.socket(socket.AF_INET6 if ":" in settings["address"]
+                                 else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((settings["address"], settings["port"]))
+        listener.listen(1024)
+        listener.setblocking(False)
+    except OSError as e:
+        print(f"ocamlmq.py: cannot listen on {settings['address']}:{settings['port']}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 1
+    reactor = Reactor(listener)
+    try:
+        backend, storage_error = open_backend(settings)
+        reactor.broker = Broker(MessageStore(backend, storage_error), reactor.call_later,
+                                login=settings["login"], passcode=settings["passcode"],
+                                max_prefetch=settings["max_prefetch"],
+                                max_pending=settings["max_pending"],
+                                maxmsgs=settings["maxmsgs"], flush_period=settings["flush_period"],
+                                max_frame_size=settings["max_frame_size"])
+    except ImportError as e:
+        print(f"ocamlmq.py: -pg needs psycopg2 ({e})", file=sys.stderr)
+        return 1
+    except Exception as e:          # the backend's StorageError: one line, no traceback
+        print(f"ocamlmq.py: {e}", file=sys.stderr)
+        return 1
+    signal.set_wakeup_fd(reactor.wakeup_w.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGINT, reactor.request_stop)
+    signal.signal(signal.SIGTERM, reactor.request_stop)
+    log.info("listening on %s:%d, storing in %s", settings["address"], settings["port"],
+             "PostgreSQL" if settings["pg"] else settings["database"])
+    try:
+        reactor.run()
+    except storage_error as e:
+        print(f"ocamlmq.py: storage failed at shutdown: {e}", file=sys.stderr)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
