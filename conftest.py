@@ -251,7 +251,8 @@ class Client:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = bytearray()
         self.backlog = collections.deque()
-        self.heartbeats = 0          # EOLs received between frames
+        self.heartbeats = 0          # EOLs received between frames (not a frame's trailing EOL)
+        self._trailer_pending = False
         self.heartbeat_times = []
         self.eof = False
         self.version = None
@@ -317,6 +318,9 @@ class Client:
                 i += 2
             else:
                 break
+            if self._trailer_pending:       # the EOL that ends the previous frame
+                self._trailer_pending = False
+                continue
             self.heartbeats += 1
             self.heartbeat_times.append(time.monotonic())
         if i:
@@ -327,6 +331,7 @@ class Client:
             return None
         if self.after_nul and self.after_nul[-1] is None:
             self.after_nul[-1] = bytes(buf[:1])
+        self._trailer_pending = False
         a = buf.find(b"\n\n")
         b = buf.find(b"\n\r\n")
         ends = [(p, sep) for p, sep in ((a, 2), (b, 3)) if p >= 0]
@@ -362,6 +367,7 @@ class Client:
             body = bytes(buf[start:z])
             end = z + 1
         del buf[:end]
+        self._trailer_pending = True
         self.after_nul.append(bytes(buf[:1]) if buf else None)
         return Frame(command, header_list, body)
 

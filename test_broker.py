@@ -174,8 +174,9 @@ def test_version_is_negotiated_from_accept_version(broker, accept, expected):
 
 def test_no_common_version_is_an_error_listing_supported_versions(broker):
     c = broker.raw_client()
-    c.hello("2.0,3.1")
-    err = c.expect_error()
+    err = c.hello("2.0,3.1")
+    assert err.command == "ERROR", err
+    c.expect_closed()
     assert "version" in err, err
     assert set(err["version"].split(",")) >= {"1.0", "1.1", "1.2"}, err
 
@@ -588,8 +589,9 @@ def test_right_credentials_are_connected(auth_broker, version):
 ], ids=["missing", "no-passcode", "no-login", "wrong-passcode", "wrong-login"])
 def test_wrong_or_missing_credentials_get_error_and_close(auth_broker, creds):
     c = auth_broker.raw_client()
-    c.hello("1.2", **creds)
-    err = c.expect_error()
+    err = c.hello("1.2", **creds)
+    assert err.command == "ERROR", err
+    c.expect_closed()
     assert err.get("message")
 
 
