@@ -507,3 +507,47 @@ def test_broker_postgresql_outage(pg_broker, cluster):
         got.append(m.body)
     missing = [r for r in receipted if r not in got]
     assert not missing, f"messages lost after RECEIPT: {missing}; delivered: {got}"
+
+
+def test_broker_receipted_ack_during_outage_is_durable_or_refused(pg_broker, cluster):
+    """SPEC §7: an ACK that carried a receipt is durable once its RECEIPT is sent. While
+    PostgreSQL is down the broker must hold that RECEIPT back or answer with an ERROR."""
+    b = pg_broker()
+    c = b.client()
+    for body in (b"m1", b"m2", b"m3"):
+        c.send("/queue/acks", body)
+    consumer = b.client()
+    consumer.subscribe("/queue/acks", ack="client-individual")
+    got = {m.body: m for m in consumer.messages(3)}
+    log_start = len(b.stderr())
+
+    cluster.stop()
+    outcomes = {}
+    for body in (b"m1", b"m2"):
+        rid = consumer.next_receipt_id()
+        consumer.send_frame("ACK", {"id": got[body]["ack"], "receipt": rid})
+        try:
+            f = consumer.wait_for(lambda f: f.command in ("RECEIPT", "ERROR"), timeout=1.5,
+                                  what="RECEIPT/ERROR")
+            outcomes[body] = f.command
+        except AssertionError:          # held back, or the connection was closed
+            outcomes[body] = None
+    lines = [l for l in _new_lines(b, log_start) if "postgres" in l.lower()]
+
+    b.kill9()
+    cluster.start()
+    b.start()
+    c = b.client()
+    c.subscribe("/queue/acks", ack="client-individual")
+    redelivered = set()
+    while True:
+        m = c.try_message(timeout=1.0)
+        if m is None:
+            break
+        redelivered.add(m.body)
+    assert b"m3" in redelivered, "a message never ACKed was lost"
+    wrongly_back = [body for body, outcome in outcomes.items()
+                    if outcome == "RECEIPT" and body in redelivered]
+    assert not wrongly_back, (f"ACKs got a RECEIPT while PostgreSQL was down, yet their messages"
+                              f" came back after a restart: {wrongly_back} (outcomes {outcomes})")
+    assert len(lines) <= 1, f"the outage should be logged once, not once per ACK: {lines}"
