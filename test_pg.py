@@ -456,7 +456,7 @@ def _receipted_send_outcome(broker, body):
     return f.command
 
 
-def test_broker_postgresql_outage(pg_broker, cluster):
+def test_broker_postgresql_outage(pg_broker, cluster, pg):
     b = pg_broker()
     receipted = []
     assert _receipted_send_outcome(b, b"before") == "RECEIPT"
@@ -469,8 +469,11 @@ def test_broker_postgresql_outage(pg_broker, cluster):
     # While PostgreSQL is down a queue SEND cannot become durable: ERROR, never RECEIPT.
     for i in range(3):
         assert _receipted_send_outcome(b, f"during{i}".encode()) == "ERROR"
-    # Topics do not touch storage and keep working, as do other connections.
+    # Unreceipted queue SENDs are accepted and kept in memory until PostgreSQL is back.
     talker = b.client()
+    for i in range(3):
+        talker.send("/queue/outage", f"unreceipted{i}".encode(), receipt=False)
+    # Topics do not touch storage and keep working, as do other connections.
     talker.send("/topic/news", b"still here")
     assert listener.message().body == b"still here"
     time.sleep(1.0)                          # some flush periods pass with the server down
@@ -494,6 +497,21 @@ def test_broker_postgresql_outage(pg_broker, cluster):
         assert _receipted_send_outcome(b, body) == "RECEIPT"
         receipted.append(body)
 
+    # The messages kept in memory reach PostgreSQL at a flush once it is back.
+    kept = [f"unreceipted{i}".encode() for i in range(3)]
+    deadline = time.monotonic() + 5
+    while True:
+        conn = psycopg2.connect(pg)
+        with conn.cursor() as cur:
+            cur.execute("SELECT body FROM messages WHERE queue = 'outage'")
+            stored = [bytes(r[0]) for r in cur.fetchall()]
+        conn.close()
+        if all(k in stored for k in kept) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(k in stored for k in kept), f"unreceipted SENDs never written: {stored}"
+    receipted += kept
+
     # Every message that got a RECEIPT is durable: kill -9, restart, all of them come back.
     b.kill9()
     b.start()
@@ -506,7 +524,7 @@ def test_broker_postgresql_outage(pg_broker, cluster):
             break
         got.append(m.body)
     missing = [r for r in receipted if r not in got]
-    assert not missing, f"messages lost after RECEIPT: {missing}; delivered: {got}"
+    assert not missing, f"durably stored messages lost: {missing}; delivered: {got}"
 
 
 def test_broker_receipted_ack_during_outage_is_durable_or_refused(pg_broker, cluster):
