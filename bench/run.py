@@ -262,13 +262,16 @@ def main(argv=None):
                          "(e.g. --broker-arg=-flush-period --broker-arg=0.5)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply message / subscription counts (e.g. 0.1 for a smoke run)")
-    ap.add_argument("--budget", type=float, default=280.0,
-                    help="overall time limit in seconds; cases past it are skipped (default 280)")
+    ap.add_argument("--budget", type=float,
+                    help="overall time limit in seconds; cases past it are skipped "
+                         "(default 280 x --repeat)")
     args = ap.parse_args(argv)
     if args.backend == "pg" and not args.pg and not args.port:
         ap.error("--backend pg needs --pg CONNINFO")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if args.budget is None:
+        args.budget = 280.0 * args.repeat
     cases = []
     for s in args.scenarios.split(","):
         s = s.strip()
