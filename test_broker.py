@@ -1156,3 +1156,538 @@ def test_unsubscribed_subscription_gets_nothing_more(broker, qname):
     c.send(f"/queue/{qname}", "x")
     c.expect_nothing()
     assert c.count_msgs(qname) == 1
+
+
+# ============================================================================================
+# §7 ACK, NACK, ack-timeout, failures
+# ============================================================================================
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize("by", ["id", "message-id"])
+def test_ack_by_id_or_message_id_is_accepted_in_every_version(broker, qname, version, by):
+    c = broker.client(version)
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "x")
+    c.ack(c.message(), by=by)
+    assert c.count_msgs(qname) == 0
+    c.close()
+    d = broker.client()
+    d.subscribe(f"/queue/{qname}")
+    d.expect_nothing()
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
+def test_client_mode_ack_is_cumulative_in_1_1_and_later(broker, qname, version):
+    c = broker.client(version)
+    c.subscribe(f"/queue/{qname}", ack="client")
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}")
+    m0, m1, m2 = c.messages(3)
+    c.ack(m1)
+    assert c.count_msgs(qname) == 1
+    c.close()
+    d = broker.client()
+    d.subscribe(f"/queue/{qname}")
+    assert d.message()["message-id"] == m2["message-id"]
+    d.expect_nothing()
+
+
+@pytest.mark.parametrize("version,ack", [("1.0", "client"), ("1.0", "client-individual"),
+                                         ("1.1", "client-individual"), ("1.2", "client-individual")])
+def test_ack_acknowledges_one_message_in_client_individual_and_1_0_client_mode(broker, qname, version, ack):
+    c = broker.client(version)
+    c.subscribe(f"/queue/{qname}", ack=ack)
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}")
+    m0, m1, m2 = c.messages(3)
+    c.ack(m1)
+    assert c.count_msgs(qname) == 2
+    c.close()
+    d = broker.client()
+    d.subscribe(f"/queue/{qname}", ack="client-individual")
+    got = d.messages(2)
+    assert sorted(m["message-id"] for m in got) == sorted([m0["message-id"], m2["message-id"]])
+    d.expect_nothing()
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+def test_ack_of_an_unknown_id_is_ignored_but_receipted(broker, qname, version):
+    c = broker.client(version)
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "x")
+    c.message()
+    c._simple("ACK", {"id": "no-such-id", "message-id": "no-such-id"}, True, {})
+    assert c.count_msgs(qname) == 1
+
+
+def test_a_connection_cannot_ack_another_connections_delivery(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", ack="client-individual")
+    a.send(f"/queue/{qname}", "x")
+    m = a.message()
+    b.ack(m)
+    assert b.count_msgs(qname) == 1
+    a.ack(m)
+    assert b.count_msgs(qname) == 0
+
+
+def test_auto_mode_counts_a_delivered_message_as_acked(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="auto")
+    c.send(f"/queue/{qname}", "x")
+    c.message()
+    assert wait_until(lambda: c.count_msgs(qname) == 0)
+    c.close()
+    d = broker.client()
+    d.subscribe(f"/queue/{qname}")
+    d.expect_nothing()
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
+def test_nack_returns_the_message_for_redelivery(broker, qname, version):
+    c = broker.client(version)
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "x")
+    m1 = c.message()
+    c.nack(m1)
+    m2 = c.message()
+    assert m2["message-id"] == m1["message-id"]
+    assert m2["redelivered"] == "true"
+    c.ack(m2)
+    assert c.count_msgs(qname) == 0
+
+
+def test_nack_in_client_mode_is_cumulative(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client")
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}")
+    m0, m1, m2 = c.messages(3)
+    c.nack(m1)
+    again = c.messages(2)
+    assert sorted(m["message-id"] for m in again) == sorted([m0["message-id"], m1["message-id"]])
+    assert all(m["redelivered"] == "true" for m in again)
+    c.expect_nothing()
+
+
+def test_ack_after_the_delivery_was_taken_back_by_nack_is_ignored(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", id="sa", ack="client-individual")
+    a.send(f"/queue/{qname}", "x")
+    m1 = a.message()
+    a.unsubscribe(id="sa")          # taken back, nobody else subscribed yet
+    a.ack(m1)                        # stale: ignored
+    assert a.count_msgs(qname) == 1
+    b.subscribe(f"/queue/{qname}", ack="client-individual")
+    assert b.message()["message-id"] == m1["message-id"]
+
+
+def test_ack_timeout_sends_the_message_to_another_subscriber(broker, qname):
+    a, b, p = broker.client(), broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", ack="client-individual")
+    b.subscribe(f"/queue/{qname}", ack="client-individual")
+    p.send(f"/queue/{qname}", "slow", headers={"ack-timeout": "1.0"})
+    ((first, m1),) = collect([a, b], 1)
+    other = b if first is a else a
+    m2 = other.message(timeout=5)
+    assert m2["message-id"] == m1["message-id"]
+    assert m2["redelivered"] == "true"
+    first.ack(m1)                    # too late: ignored
+    assert p.count_msgs(qname) == 1
+    other.ack(m2)
+    assert p.count_msgs(qname) == 0
+
+
+def test_ack_timeout_redelivers_to_the_same_subscriber_when_it_is_the_only_one(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "slow", headers={"ack-timeout": "0.5"})
+    m1 = c.message()
+    m2 = c.message(timeout=5)
+    assert m2["message-id"] == m1["message-id"]
+    assert m2["redelivered"] == "true"
+
+
+def test_without_ack_timeout_the_broker_waits_for_the_ack(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", ack="client-individual")
+    a.send(f"/queue/{qname}", "patient")
+    a.message()
+    b.subscribe(f"/queue/{qname}", ack="client-individual")
+    a.expect_nothing(1.5)
+    b.expect_nothing(0.1)
+
+
+@pytest.mark.parametrize("how", ["disconnect", "close", "reset", "error", "heart-beat-loss"])
+def test_a_closed_connections_unacked_messages_go_to_other_subscribers_at_once(broker, qname, how):
+    a = broker.client(heart_beat="1000,0" if how == "heart-beat-loss" else "0,0")
+    a.subscribe(f"/queue/{qname}", ack="client")
+    b = broker.client()
+    b.send(f"/queue/{qname}", "m0")
+    b.send(f"/queue/{qname}", "m1")
+    sent = a.messages(2)
+    b.subscribe(f"/queue/{qname}", ack="client-individual")
+    b.expect_nothing(0.2)
+    if how == "disconnect":
+        a.disconnect()
+    elif how == "close":
+        a.close()
+    elif how == "reset":
+        a.drop()
+    elif how == "error":
+        a.send_frame("SEND", {"destination": "/bogus/x"}, "x")
+        a.expect_error()
+    got = b.messages(2, timeout=5)
+    assert [m["message-id"] for m in got] == [m["message-id"] for m in sent]
+    assert all(m["redelivered"] == "true" for m in got)
+
+
+@pytest.mark.parametrize("how", ["clean", "kill9"])
+def test_a_restart_redelivers_every_unacked_message(broker, qname, how):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}")
+    m = c.messages(3)
+    c.ack(m[1])
+    if how == "clean":
+        broker.restart()
+    else:
+        broker.kill9()
+        broker.start()
+    c = broker.client()
+    assert c.count_msgs(qname) == 2
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    assert [x.body for x in c.messages(2)] == [b"m0", b"m2"]
+    c.expect_nothing()
+
+
+# --- transactions -----------------------------------------------------------------------------
+
+def test_transactional_sends_take_effect_at_commit(broker, qname):
+    sub = broker.client()
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client()
+    c.begin("t1")
+    c.send(f"/queue/{qname}", "a", transaction="t1")   # receipt answered at once
+    c.send(f"/queue/{qname}", "b", transaction="t1")
+    c.send(f"/topic/{qname}", "t", transaction="t1")
+    sub.expect_nothing()
+    assert c.count_msgs(qname) == 0
+    tsub = broker.client()
+    tsub.subscribe(f"/topic/{qname}")
+    c.commit("t1")
+    assert [m.body for m in sub.messages(2)] == [b"a", b"b"]
+    assert tsub.message().body == b"t"
+
+
+def test_abort_discards_transactional_sends(broker, qname):
+    sub = broker.client()
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client()
+    c.begin("t1")
+    c.send(f"/queue/{qname}", "a", transaction="t1")
+    c.abort("t1")
+    c.send(f"/queue/{qname}", "after")
+    assert sub.message().body == b"after"
+    sub.expect_nothing()
+
+
+def test_transactional_ack_takes_effect_at_commit(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "x")
+    m = c.message()
+    c.begin("t1")
+    c.ack(m, transaction="t1")
+    assert c.count_msgs(qname) == 1
+    c.commit("t1")
+    assert c.count_msgs(qname) == 0
+
+
+def test_aborted_transactional_ack_is_discarded(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "x")
+    m = c.message()
+    c.begin("t1")
+    c.ack(m, transaction="t1")
+    c.abort("t1")
+    assert c.count_msgs(qname) == 1
+    c.expect_nothing()
+    c.ack(m)
+    assert c.count_msgs(qname) == 0
+
+
+def test_transactional_nack_takes_effect_at_commit(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "x")
+    m = c.message()
+    c.begin("t1")
+    c.nack(m, transaction="t1")
+    c.expect_nothing()
+    c.commit("t1")
+    again = c.message()
+    assert again["message-id"] == m["message-id"]
+
+
+@pytest.mark.parametrize("how", ["disconnect", "close", "reset"])
+def test_disconnect_or_drop_discards_an_open_transaction(broker, qname, how):
+    sub = broker.client()
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client()
+    c.begin("t1")
+    c.send(f"/queue/{qname}", "never", transaction="t1")
+    if how == "disconnect":
+        c.disconnect()
+    elif how == "close":
+        c.close()
+    else:
+        c.drop()
+    sub.expect_nothing(1.0)
+    assert sub.count_msgs(qname) == 0
+
+
+def test_commit_receipt_means_the_transactions_sends_are_durable(broker, qname):
+    c = broker.client()
+    c.begin("t1")
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}", receipt=False, transaction="t1")
+    c.commit("t1")
+    broker.kill9()
+    broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    assert [m.body for m in c.messages(3)] == [b"m0", b"m1", b"m2"]
+
+
+def test_transaction_ids_belong_to_their_connection(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.begin("same")
+    b.begin("same")
+    a.send(f"/queue/{qname}", "from a", transaction="same")
+    b.commit("same")
+    assert a.count_msgs(qname) == 0
+    a.commit("same")
+    assert a.count_msgs(qname) == 1
+
+
+@pytest.mark.parametrize("scenario", [
+    [("SEND", {"destination": "/queue/{q}", "transaction": "nope"})],
+    [("ACK", {"id": "x", "message-id": "x", "transaction": "nope"})],
+    [("COMMIT", {"transaction": "nope"})],
+    [("ABORT", {"transaction": "nope"})],
+    [("BEGIN", {"transaction": "t"}), ("BEGIN", {"transaction": "t"})],
+    [("BEGIN", {"transaction": "t"}), ("COMMIT", {"transaction": "t"}), ("COMMIT", {"transaction": "t"})],
+    [("BEGIN", {"transaction": "t"}), ("ABORT", {"transaction": "t"}), ("SEND", {"destination": "/queue/{q}", "transaction": "t"})],
+    [("BEGIN", {"transaction": "t"}), ("COMMIT", {"transaction": "t"}), ("ABORT", {"transaction": "t"})],
+    [("BEGIN", {})],
+    [("COMMIT", {})],
+], ids=["send-unknown", "ack-unknown", "commit-unknown", "abort-unknown", "duplicate-begin",
+        "commit-twice", "send-after-abort", "abort-after-commit", "begin-without-id",
+        "commit-without-id"])
+def test_unknown_finished_or_duplicate_transaction_is_an_error(broker, qname, scenario):
+    c = broker.client()
+    *ok, (command, headers) = scenario
+    for i, (cmd, h) in enumerate(ok):
+        c._simple(cmd, {k: v.format(q=qname) for k, v in h.items()}, f"ok{i}", {})
+    c.send_frame(command, {**{k: v.format(q=qname) for k, v in headers.items()}, "receipt": "bad"}, "x" if command == "SEND" else b"")
+    assert c.expect_error().get("receipt-id") == "bad"
+    assert broker.client().count_msgs(qname) == 0
+
+
+def test_another_connections_transaction_id_is_unknown(broker):
+    a, b = broker.client(), broker.client()
+    a.begin("mine")
+    b.send_frame("COMMIT", {"transaction": "mine", "receipt": "bad"})
+    assert b.expect_error().get("receipt-id") == "bad"
+    a.commit("mine")
+
+
+# ============================================================================================
+# §8 Control destinations
+# ============================================================================================
+
+def test_count_msgs_counts_stored_unacked_messages_including_in_flight(broker, qname):
+    c = broker.client()
+    assert c.count_msgs(qname) == 0
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"m{i}")
+    assert c.count_msgs(qname) == 3
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    m = c.messages(3)
+    assert c.count_msgs(qname) == 3
+    c.ack(m[0])
+    assert c.count_msgs(qname) == 2
+
+
+def test_count_msgs_is_per_queue(broker, qname):
+    c = broker.client()
+    c.send(f"/queue/{qname}a", "x")
+    c.send(f"/queue/{qname}ab", "x")
+    c.send(f"/queue/{qname}ab", "x")
+    assert c.count_msgs(f"{qname}a") == 1
+    assert c.count_msgs(f"{qname}ab") == 2
+
+
+def test_count_subscribers_of_a_queue_counts_each_subscription(broker, qname):
+    a, b = broker.client(), broker.client()
+    assert a.count_subscribers(f"/queue/{qname}") == 0
+    s1 = a.subscribe(f"/queue/{qname}")
+    a.subscribe(f"/queue/{qname}")
+    assert a.count_subscribers(f"/queue/{qname}") == 2
+    b.subscribe(f"/queue/{qname}")
+    a.subscribe(f"/queue/{qname}other")
+    a.subscribe(f"/topic/{qname}")
+    assert a.count_subscribers(f"/queue/{qname}") == 3
+    a.unsubscribe(id=s1)
+    assert a.count_subscribers(f"/queue/{qname}") == 2
+    b.close()
+    assert wait_until(lambda: a.count_subscribers(f"/queue/{qname}") == 1)
+
+
+def test_count_subscribers_of_a_topic_includes_matching_prefix_subscriptions(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/topic/{qname}.a")
+    c.subscribe(f"/topic/{qname}.b")
+    c.subscribe(f"/topic/{qname}.*")
+    c.subscribe(f"/topic/{qname}.a*")
+    c.subscribe(f"/queue/{qname}.a")
+    assert c.count_subscribers(f"/topic/{qname}.a") == 3
+    assert c.count_subscribers(f"/topic/{qname}.ab") == 2
+    assert c.count_subscribers(f"/topic/{qname}.b") == 2
+    assert c.count_subscribers(f"/topic/{qname}.c") == 1
+    assert c.count_subscribers(f"/topic/{qname}x") == 0
+
+
+@pytest.mark.parametrize("dest", ["/control/count-msgs/queue/{q}", "/control/count-subscribers/queue/{q}",
+                                  "/control/count-subscribers/topic/{q}"])
+def test_control_without_receipt_returns_nothing(broker, qname, dest):
+    c = broker.client()
+    c.send(dest.format(q=qname), receipt=False)
+    c.expect_nothing()
+    c.send(f"/topic/{qname}", "still open")
+
+
+@pytest.mark.parametrize("dest", ["/control/bogus/queue/{q}", "/control/count-everything",
+                                  "/control/", "/control/count-msgs/elsewhere/{q}"])
+def test_unknown_control_name_is_an_error(broker, qname, dest):
+    c = broker.client()
+    c.send_frame("SEND", {"destination": dest.format(q=qname), "receipt": "bad"})
+    assert c.expect_error().get("receipt-id") == "bad"
+
+
+# ============================================================================================
+# §9 Limits and bad input (basics)
+# ============================================================================================
+
+def _assert_rejected(broker, c, qname, frame_bytes):
+    """frame_bytes (which would store a message in /queue/qname) gets ERROR + close, stores
+    nothing, and other connections keep working."""
+    other = broker.client()
+    other.subscribe(f"/queue/{qname}-other")
+    c.send_raw(frame_bytes)
+    c.expect_error()
+    assert other.count_msgs(qname) == 0
+    other.send(f"/queue/{qname}-other", "fine")
+    assert other.message().body == b"fine"
+
+
+@pytest.mark.parametrize("command", ["FROB", "send", "MESSAGE", "CONNECTED", "RECEIPT"])
+def test_unknown_command_is_an_error(broker, qname, command):
+    c = broker.client()
+    _assert_rejected(broker, c, qname, encode_frame(command, {"destination": f"/queue/{qname}"}, "x"))
+
+
+@pytest.mark.parametrize("cl", ["abc", "-1", "1.5", "", "0x3"])
+def test_bad_content_length_is_an_error(broker, qname, cl):
+    c = broker.client()
+    _assert_rejected(broker, c, qname, encode_frame("SEND", {"destination": f"/queue/{qname}"}, "abc",
+                                                    content_length=cl))
+
+
+def test_body_not_followed_by_nul_at_content_length_is_an_error(broker, qname):
+    c = broker.client()
+    _assert_rejected(broker, c, qname,
+                     f"SEND\ndestination:/queue/{qname}\ncontent-length:2\n\nabcdef\x00".encode())
+
+
+@pytest.mark.parametrize("priority", ["high", "1.5", "", "5x"])
+def test_bad_priority_is_an_error(broker, qname, priority):
+    c = broker.client()
+    _assert_rejected(broker, c, qname, encode_frame("SEND", {"destination": f"/queue/{qname}",
+                                                             "priority": priority}, "x"))
+
+
+@pytest.mark.parametrize("timeout", ["soon", ""])
+def test_bad_ack_timeout_is_an_error(broker, qname, timeout):
+    c = broker.client()
+    _assert_rejected(broker, c, qname, encode_frame("SEND", {"destination": f"/queue/{qname}",
+                                                             "ack-timeout": timeout}, "x"))
+
+
+@pytest.mark.parametrize("prefetch", ["many", "1.5"])
+def test_bad_prefetch_is_an_error(broker, qname, prefetch):
+    c = broker.client()
+    c.send_frame("SUBSCRIBE", {"destination": f"/queue/{qname}", "id": "s", "prefetch": prefetch,
+                               "receipt": "bad"})
+    assert c.expect_error().get("receipt-id") == "bad"
+
+
+@pytest.mark.parametrize("shape", ["content-length", "no-content-length", "header"])
+def test_a_frame_over_max_frame_size_is_an_error(start_broker, qname, shape):
+    b = start_broker("-max-frame-size", "2000")
+    c = b.client()
+    if shape == "content-length":
+        data = encode_frame("SEND", {"destination": f"/queue/{qname}"}, b"x" * 5000)
+    elif shape == "no-content-length":
+        data = encode_frame("SEND", {"destination": f"/queue/{qname}"}, b"x" * 5000, content_length=False)
+    else:
+        data = encode_frame("SEND", {"destination": f"/queue/{qname}", "x-big": "y" * 5000}, b"x")
+    _assert_rejected(b, c, qname, data)
+
+
+def test_a_frame_within_max_frame_size_works(start_broker, qname):
+    b = start_broker("-max-frame-size", "2000")
+    c = b.client()
+    c.subscribe(f"/queue/{qname}")
+    c.send(f"/queue/{qname}", b"x" * 1500)
+    assert c.message().body == b"x" * 1500
+
+
+def test_more_than_1000_headers_is_an_error(broker, qname):
+    c = broker.client()
+    headers = [("destination", f"/queue/{qname}")] + [(f"h{i}", "v") for i in range(1100)]
+    _assert_rejected(broker, c, qname, encode_frame("SEND", headers, "x"))
+
+
+def test_a_header_line_over_64_kib_is_an_error(broker, qname):
+    c = broker.client()
+    _assert_rejected(broker, c, qname, encode_frame("SEND", {"destination": f"/queue/{qname}",
+                                                             "x-long": "y" * 70000}, "x"))
+
+
+def test_invalid_utf8_in_headers_is_an_error(broker, qname):
+    c = broker.client()
+    _assert_rejected(broker, c, qname, encode_frame("SEND", {"destination": f"/queue/{qname}",
+                                                             "x-bad": b"\xff\xfe\xc3"}, "x"))
+
+
+def test_header_line_without_colon_is_an_error(broker, qname):
+    c = broker.client()
+    _assert_rejected(broker, c, qname,
+                     f"SEND\ndestination:/queue/{qname}\nno colon here\n\nx\x00".encode())
+
+
+def test_undefined_escape_in_1_2_is_an_error(broker, qname):
+    c = broker.client("1.2")
+    _assert_rejected(broker, c, qname,
+                     f"SEND\ndestination:/queue/{qname}\nx-esc:a\\tb\n\nx\x00".encode())
+
+
+def test_garbage_before_connect_closes_the_socket(broker):
+    c = broker.raw_client()
+    c.send_raw(b"\x00\x01\x02garbage\n\n\x00")
+    assert all(f.command == "ERROR" for f in c.expect_closed())
+    broker.client().send("/topic/x", "broker still fine")
