@@ -241,7 +241,20 @@ def test_ten_thousand_rows_insert_quickly(backends):
     assert b.count("q") == 0
 
 
+def test_conninfo_may_be_a_uri_or_come_from_pg_variables(cluster, pg, backends, monkeypatch):
+    dbname = pg.split("dbname=")[1].split()[0]
+    b = backends(f"postgresql://postgres@127.0.0.1:{cluster.port}/{dbname}")
+    b.insert([row(1)])
+    b.commit()
+    for var, value in (("PGHOST", "127.0.0.1"), ("PGPORT", str(cluster.port)),
+                       ("PGUSER", "postgres"), ("PGDATABASE", dbname)):
+        monkeypatch.setenv(var, value)
+    assert ids(backends("").fetch("q", FIRST, 10)) == [1]
+
+
 def test_unreachable_server_is_a_one_line_storage_error():
+    if psycopg2 is None:
+        _unavailable("psycopg2 is not installed (pip install -r requirements.txt)")
     import storage_pg
     port = free_port()
     t0 = time.monotonic()
