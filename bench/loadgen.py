@@ -706,6 +706,7 @@ def case_queue(env, producers=2, messages=50000, size=100, consumers=2,
                 producers, messages, size, consumers, ack, prefetch, got, distinct, redel, left)
     if redel:
         notes += " (unexpected: no consumer NACKed, timed out or disconnected)"
+    notes += "; all SENDs written by +%.1f s" % (max(r["t_sent"] for r in prods) - t0)
     cpu = _cpu(res, wall)
     cpu["broker_cpu_s"] = round(bcpu, 3) if bcpu is not None else None
     return [fig("queue", "msgs/s (first SEND -> last ACK)", total / wall, "msg/s", cpu, ok, notes)]
@@ -952,8 +953,32 @@ class ProcProbe:
             return 0.0
 
 
+def selftest():
+    """Framing checks for FrameReader (no broker needed): python3 bench/loadgen.py selftest"""
+    msg = (b"MESSAGE\nmessage-id:7\nack:a7\ncontent-length:5\n\nab\0cd\0\n")
+    r = FrameReader()
+    out = []
+    for i in range(len(msg) * 3):                     # one byte at a time
+        out += r.feed((msg * 3)[i:i + 1])
+    assert [b for _, b in out] == [b"ab\0cd"] * 3, out
+    assert header(out[0][0], b"ack") == b"a7" and command_of(out[0][0]) == b"MESSAGE"
+    r = FrameReader()
+    out = r.feed(b"\n\r\nRECEIPT\r\nreceipt-id:x\r\n\r\n\0\nRECEIPT\nreceipt-id:y\n\n\0\n")
+    assert [header(h, b"receipt-id") for h, _ in out] == [b"x", b"y"], out
+    r = FrameReader()
+    out = r.feed(b"MESSAGE\nack:1\nack:2\n\nbody\0")  # first header wins, no content-length
+    assert out == [(b"MESSAGE\nack:1\nack:2", b"body")] and header(out[0][0], b"ack") == b"1"
+    assert frame("ACK", [("id", "5")]) == b"ACK\nid:5\n\n\0"
+    print("loadgen selftest ok")
+    return 0
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Run one load-generator case against a broker.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["selftest"]:
+        return selftest()
+    ap = argparse.ArgumentParser(description="Run one load-generator case against a broker "
+                                             "(or 'selftest' for the framing checks).")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=61613)
     ap.add_argument("--pid", type=int, help="broker PID on this machine (RSS / CPU figures)")

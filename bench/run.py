@@ -60,6 +60,7 @@ class Broker:
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.probe = loadgen.ProcProbe(self.proc.pid)
         self.exit_note = None
+        self.stop_s = None
         self._wait_up(login, passcode)
 
     def _wait_up(self, login, passcode, timeout=15.0):
@@ -94,6 +95,7 @@ class Broker:
 
     def stop(self):
         """SIGTERM, wait up to 15 s, then SIGKILL.  Sets exit_note when that was not clean."""
+        t0 = time.monotonic()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -102,6 +104,7 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait(5.0)
                 self.exit_note = "broker ignored SIGTERM for 15 s; killed"
+        self.stop_s = time.monotonic() - t0
         rc = self.proc.returncode
         if self.exit_note is None and rc not in (0,):
             self.exit_note = "broker exit code %s after SIGTERM: %s" % (rc, self.log_tail(300))
@@ -140,6 +143,9 @@ def run_case(name, args, timeout):
     finally:
         if broker is not None:
             broker.stop()
+    if broker is not None:
+        for f in figs:
+            f["broker_stop_s"] = round(broker.stop_s, 2) if broker.stop_s is not None else None
     if broker is not None and broker.exit_note:
         # the spec wants exit 0 on SIGTERM; a failure here does not invalidate the figures
         figs.append({"case": name, "figure": "broker clean stop on SIGTERM", "value": None,
