@@ -92,7 +92,7 @@ def stomppy(broker):
         conn.set_listener("collector", listener)
         conns.append(conn)
         conn.connect(wait=True, **connect_kw)
-        listener.wait_for("CONNECTED")
+        listener.connected = listener.wait_for("CONNECTED")
         return conn, listener
 
     yield make
@@ -126,8 +126,8 @@ def nack(conn, version, frame):
 def test_stomppy_connects_with_the_negotiated_version(stomppy, version):
     conn, listener = stomppy(version)
     assert conn.is_connected()
-    if version != "1.0":
-        assert conn.transport.version == version
+    assert listener.connected.headers["version"] == version
+    assert listener.connected.headers.get("session")
 
 
 @pytest.mark.parametrize("version", VERSIONS)
