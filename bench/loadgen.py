@@ -293,7 +293,18 @@ class Ctx:
             raise BenchError("worker deadline passed")
 
 
+def die_with_parent():
+    """Get SIGTERM when the parent process dies, even by SIGKILL (Linux prctl; best effort)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _worker_entry(fn, idx, params, opts, events, resq, deadline):
+    die_with_parent()
     ctx = Ctx(idx, opts, events, resq, deadline)
     try:
         res = fn(ctx, **params)

@@ -57,7 +57,8 @@ class Broker:
         self.log_path = os.path.join(self.tmp, "broker.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=self.tmp, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=loadgen.die_with_parent)
         self.probe = loadgen.ProcProbe(self.proc.pid)
         self.exit_note = None
         self.stop_s = None
