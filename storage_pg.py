@@ -2,9 +2,11 @@
 
 It is the sqlite backend's twin (same rows, same methods, same ordering; see the `MessageStore`
 docstring in ocamlmq.py for the whole storage contract), for users who want the messages on a
-database server. Writes go into one open transaction; `commit()` ends it with COMMIT under
-`synchronous_commit = on`, so the server has flushed its WAL to disk before the call returns,
-which is what a RECEIPT promises. Inserts are multi-row statements and a batch of deletes is one
+database server. Writes go into one open transaction, begun by the first write after a commit;
+`commit()` ends it with COMMIT under `synchronous_commit = on`, so the server has flushed its WAL
+to disk before the call returns, which is what a RECEIPT promises. Reads outside that
+transaction run on their own (autocommit), so the connection is never left "idle in transaction"
+by a read, holding locks that would stop an operator's ALTER TABLE or VACUUM FULL. Inserts are multi-row statements and a batch of deletes is one
 `DELETE ... WHERE id = ANY(...)`, so a flush costs a few round trips however many rows it holds.
 
 Delivery order is `rank` (minus the priority), then `id`; the index on (queue, rank, id) makes
@@ -83,6 +85,7 @@ class PgBackend:
         self.conninfo = conninfo
         self.reconnect_interval = reconnect_interval
         self.conn = None
+        self.in_transaction = False # a write since the last commit: BEGIN was sent
         self.closed = False
         self.last_attempt = None    # monotonic time of the last failed reconnection, or None
         try:
@@ -113,6 +116,7 @@ class PgBackend:
             return
 
         def insert_batches(cur):
+            self._begin(cur)
             batch, size = [], 0
             for row in latest.values():
                 batch.append(row)
@@ -128,13 +132,17 @@ class PgBackend:
         """Delete the rows with these ids, in the open transaction (one statement)."""
         ids = list(ids)
         if ids:
-            self._run(lambda cur: cur.execute(
-                "DELETE FROM messages WHERE id = ANY(%s::bigint[])", (ids,)))
+            self._run(lambda cur: (self._begin(cur), cur.execute(
+                "DELETE FROM messages WHERE id = ANY(%s::bigint[])", (ids,))))
 
     def commit(self):
         """End the open transaction durably (the server has synced it), then open the next one
-        (implicitly, with the next statement)."""
-        self._run(lambda cur: self.conn.commit())
+        (with the next write)."""
+        def commit(cur):
+            if self.in_transaction:
+                self.in_transaction = False     # COMMIT ends it, also when it fails
+                cur.execute("COMMIT")
+        self._run(commit)
 
     def fetch(self, queue, after, limit):
         """Up to `limit` rows (id, rank, ack_timeout, headers_json, body) of `queue` whose
@@ -157,7 +165,10 @@ class PgBackend:
         if conn is None:
             return
         try:
-            conn.commit()
+            if self.in_transaction:
+                self.in_transaction = False
+                with conn.cursor() as cur:
+                    cur.execute("COMMIT")
         except psycopg2.Error as e:
             raise StorageError(f"closing the PostgreSQL connection: {_one_line(e)}") from None
         finally:
@@ -176,20 +187,21 @@ class PgBackend:
                     "keepalives_interval": (None, 5),
                     "keepalives_count": (None, 3)}
         if psycopg2.extensions.libpq_version() >= 120000:
-            defaults["tcp_user_timeout"] = (None, 20000)   # ms of unacknowledged data
+            defaults["tcp_user_timeout"] = (None, 10000)   # ms of unacknowledged data
         return {key: value for key, (env, value) in defaults.items()
                 if key not in given and not (env and os.environ.get(env))}
 
     def _connect(self):
         conn = psycopg2.connect(self.conninfo, **self.options)
         try:
+            conn.autocommit = True      # transactions are begun explicitly, by the first write
             with conn.cursor() as cur:
                 cur.execute("SET synchronous_commit = on")   # COMMIT returns once WAL is synced
-            conn.commit()
         except BaseException:
             conn.close()
             raise
         self.conn = conn
+        self.in_transaction = False
 
     def _create_schema(self):
         with self.conn.cursor() as cur:
@@ -197,12 +209,19 @@ class PgBackend:
                         " AND to_regclass('messages_by_queue') IS NOT NULL")
             if not cur.fetchone()[0]:
                 # Serialise with other brokers creating the schema at the same moment.
+                cur.execute("BEGIN")
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext('ocamlmq schema'))")
                 cur.execute(SCHEMA)
-        self.conn.commit()
+                cur.execute("COMMIT")
+
+    def _begin(self, cur):
+        if not self.in_transaction:
+            cur.execute("BEGIN")
+            self.in_transaction = True
 
     def _drop(self):
         conn, self.conn = self.conn, None
+        self.in_transaction = False
         if conn is not None:
             try:
                 conn.close()
@@ -232,9 +251,11 @@ class PgBackend:
                 return operation(cur)
         except psycopg2.Error as e:
             lost = isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError))
-            if not lost and not self.conn.closed:
-                try:
-                    self.conn.rollback()    # the transaction is aborted: nothing of it is kept
+            if not lost and not self.conn.closed and self.in_transaction:
+                self.in_transaction = False
+                try:                        # the transaction is aborted: nothing of it is kept
+                    with self.conn.cursor() as cur:
+                        cur.execute("ROLLBACK")
                 except psycopg2.Error:
                     lost = True
             if lost or self.conn.closed:

@@ -199,6 +199,28 @@ def test_open_transaction_is_seen_by_its_connection_only_until_commit(backends):
     assert ids(other.fetch("q", FIRST, 10)) == [2, 3]
 
 
+def test_reads_leave_no_transaction_open(backends):
+    b, watcher = backends(), backends()
+
+    def state():
+        with watcher.conn.cursor() as cur:
+            cur.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                        (b.conn.get_backend_pid(),))
+            return cur.fetchone()[0]
+    b.max_id(), b.count("q"), b.fetch("q", FIRST, 10)
+    assert state() == "idle"                 # no locks held between the broker's calls
+    b.insert([row(1)])
+    assert state() == "idle in transaction"
+    b.fetch("q", FIRST, 10)
+    b.commit()
+    assert state() == "idle"
+    b.commit()                               # nothing to commit: fine
+    b.delete([1])
+    assert state() == "idle in transaction"
+    b.commit()
+    assert state() == "idle" and b.count("q") == 0
+
+
 def test_commit_survives_a_server_crash(cluster, backends):
     b = backends()
     b.insert([row(1), row(2)])
