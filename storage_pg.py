@@ -5,9 +5,10 @@ docstring in ocamlmq.py for the whole storage contract), for users who want the 
 database server. Writes go into one open transaction, begun by the first write after a commit;
 `commit()` ends it with COMMIT under `synchronous_commit = on`, so the server has flushed its WAL
 to disk before the call returns, which is what a RECEIPT promises. Reads outside that
-transaction run on their own (autocommit), so the connection is never left "idle in transaction"
-by a read, holding locks that would stop an operator's ALTER TABLE or VACUUM FULL. Inserts are multi-row statements and a batch of deletes is one
-`DELETE ... WHERE id = ANY(...)`, so a flush costs a few round trips however many rows it holds.
+transaction run on their own (autocommit), so a read never leaves the connection "idle in
+transaction", holding locks that would stop an operator's ALTER TABLE or VACUUM FULL. Inserts
+are multi-row statements and a batch of deletes is one `DELETE ... WHERE id = ANY(...)`, so a
+flush costs a few round trips however many rows it holds.
 
 Delivery order is `rank` (minus the priority), then `id`; the index on (queue, rank, id) makes
 "the next N messages of queue Q after key K" one index range scan through the row comparison
@@ -85,7 +86,7 @@ class PgBackend:
         self.conninfo = conninfo
         self.reconnect_interval = reconnect_interval
         self.conn = None
-        self.in_transaction = False # a write since the last commit: BEGIN was sent
+        self.in_transaction = False  # a write since the last commit: BEGIN was sent
         self.closed = False
         self.last_attempt = None    # monotonic time of the last failed reconnection, or None
         try:
@@ -103,8 +104,7 @@ class PgBackend:
 
     def max_id(self):
         """The highest message id stored, or 0."""
-        return self._run(lambda cur: (cur.execute("SELECT coalesce(max(id), 0) FROM messages"),
-                                      cur.fetchone()[0])[1])
+        return self._scalar("SELECT coalesce(max(id), 0) FROM messages")
 
     def insert(self, rows):
         """Store rows (id, queue, rank, ack_timeout, headers_json, body) in the open transaction;
@@ -131,9 +131,13 @@ class PgBackend:
     def delete(self, ids):
         """Delete the rows with these ids, in the open transaction (one statement)."""
         ids = list(ids)
-        if ids:
-            self._run(lambda cur: (self._begin(cur), cur.execute(
-                "DELETE FROM messages WHERE id = ANY(%s::bigint[])", (ids,))))
+        if not ids:
+            return
+
+        def delete_rows(cur):
+            self._begin(cur)
+            cur.execute("DELETE FROM messages WHERE id = ANY(%s::bigint[])", (ids,))
+        self._run(delete_rows)
 
     def commit(self):
         """End the open transaction durably (the server has synced it), then open the next one
@@ -156,8 +160,7 @@ class PgBackend:
 
     def count(self, queue):
         """How many rows `queue` has."""
-        return self._run(lambda cur: (cur.execute(
-            "SELECT count(*) FROM messages WHERE queue = %s", (queue,)), cur.fetchone()[0])[1])
+        return self._scalar("SELECT count(*) FROM messages WHERE queue = %s", (queue,))
 
     def close(self):
         """Commit what is pending and disconnect; a broken backend just forgets its state."""
@@ -173,6 +176,12 @@ class PgBackend:
             raise StorageError(f"closing the PostgreSQL connection: {_one_line(e)}") from None
         finally:
             conn.close()
+
+    def _scalar(self, sql, params=()):
+        def run(cur):
+            cur.execute(sql, params)
+            return cur.fetchone()[0]
+        return self._run(run)
 
     # -- connection handling ------------------------------------------------------------------
 
