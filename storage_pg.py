@@ -109,7 +109,7 @@ class PgBackend:
     def insert(self, rows):
         """Store rows (id, queue, rank, ack_timeout, headers_json, body) in the open transaction;
         a row whose id is stored already replaces it."""
-        latest = {}                 # one row per id: ON CONFLICT DO UPDATE must not meet an id twice
+        latest = {}     # one row per id: ON CONFLICT DO UPDATE must not meet an id twice
         for row in rows:
             latest[row[0]] = row
         if not latest:

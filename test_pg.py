@@ -4,7 +4,8 @@ Part 1 drives `PgBackend` directly: delivery order, paging by key, count, delete
 commit, idempotent re-insert, bulk insert speed, and what happens when the server goes away and
 comes back. Part 2 runs the broker with `-pg CONNINFO` and talks raw STOMP to it (the Broker and
 Client of conftest.py): kill -9 and restart, priorities, count-msgs, headers across restarts, and
-the outage contract (SPEC §2, §5: a RECEIPT means durable, so no RECEIPT while PostgreSQL is down).
+the outage contract (SPEC §2, §5, §7: a RECEIPT means durable, so no RECEIPT while PostgreSQL
+is down).
 
 Without PostgreSQL server binaries every test here skips, unless OCAMLMQ_REQUIRE_PG=1 (as in CI),
 which turns the skip into a failure. Each test gets a database of its own in one shared cluster.
@@ -20,7 +21,7 @@ import time
 import pytest
 
 import pgserver
-from conftest import BROKER, Broker, Client, free_port
+from conftest import BROKER, Broker, free_port
 
 REQUIRE_PG = os.environ.get("OCAMLMQ_REQUIRE_PG") == "1"
 
