@@ -21,7 +21,7 @@ import time
 import pytest
 
 import pgserver
-from conftest import BROKER, Broker, free_port
+from conftest import BROKER, Broker, encode_frame, free_port
 
 REQUIRE_PG = os.environ.get("OCAMLMQ_REQUIRE_PG") == "1"
 
@@ -605,3 +605,37 @@ def test_broker_receipted_ack_during_outage_is_durable_or_refused(pg_broker, clu
     assert not wrongly_back, (f"ACKs got a RECEIPT while PostgreSQL was down, yet their messages"
                               f" came back after a restart: {wrongly_back} (outcomes {outcomes})")
     assert len(lines) <= 1, f"the outage should be logged once, not once per ACK: {lines}"
+
+
+def test_broker_consumer_resumes_after_outage(pg_broker, cluster):
+    """A backlog bigger than one read from storage: the consumer drains what the broker holds in
+    memory during the outage, and gets the rest once PostgreSQL is back, each message once."""
+    n = 700
+    b = pg_broker()
+    c = b.client()
+    frames = b"".join(
+        encode_frame(
+            "SEND", {"destination": "/queue/backlog", "receipt": f"r{i}"}, f"m{i}".encode())
+        for i in range(n))
+    c.send_raw(frames)
+    for i in range(n):
+        c.receipt(f"r{i}")
+    consumer = b.client()
+    consumer.subscribe("/queue/backlog", ack="client-individual", prefetch=20)
+    cluster.stop()
+    got = []
+
+    def drain(quiet):
+        while True:
+            m = consumer.try_message(timeout=quiet)
+            if m is None:
+                return
+            got.append(m.body)
+            consumer.ack(m, receipt=False)
+    drain(quiet=1.0)
+    cluster.start()
+    deadline = time.monotonic() + 15
+    while len(got) < n and time.monotonic() < deadline:
+        drain(quiet=0.5)
+    assert len(got) == n and len(set(got)) == n, f"{len(got)} delivered, {len(set(got))} distinct"
+    assert got == [f"m{i}".encode() for i in range(n)]
