@@ -637,3 +637,20 @@ def test_broker_consumer_resumes_after_outage(pg_broker, cluster):
         drain(quiet=0.5)
     assert len(got) == n and len(set(got)) == n, f"{len(got)} delivered, {len(set(got))} distinct"
     assert got == [f"m{i}".encode() for i in range(n)]
+
+
+def test_broker_sigterm_during_outage_exits_promptly(pg_broker, cluster):
+    b = pg_broker()
+    c = b.client()
+    c.send("/queue/shutdown", b"durable")
+    c.send("/queue/shutdown", b"cached only", receipt=False)
+    cluster.stop()
+    t0 = time.monotonic()
+    rc = b.terminate()
+    assert time.monotonic() - t0 < 5 and rc in (0, 1), rc
+    assert "Traceback" not in b.stderr()
+    cluster.start()
+    b.start()
+    c = b.client()
+    c.subscribe("/queue/shutdown")
+    assert c.message().body == b"durable"
