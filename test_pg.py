@@ -654,3 +654,27 @@ def test_broker_sigterm_during_outage_exits_promptly(pg_broker, cluster):
     c = b.client()
     c.subscribe("/queue/shutdown")
     assert c.message().body == b"durable"
+
+
+def test_broker_acks_reach_postgresql_within_flush_periods(pg_broker, cluster):
+    """An ACK without a receipt is written at a flush like any other change (-flush-period 0.2):
+    neither a count-msgs in between nor a PostgreSQL restart may bring the message back."""
+    b = pg_broker()
+    c = b.client()
+    for body in (b"a1", b"a2", b"a3"):
+        c.send("/queue/acked", body)
+    consumer = b.client()
+    consumer.subscribe("/queue/acked", ack="client-individual")
+    first = consumer.message()
+    assert first.body == b"a1"
+    consumer.send_raw(encode_frame("ACK", {"id": first["ack"]}) +
+                      encode_frame("SEND", {"destination": "/control/count-msgs/queue/acked",
+                                            "receipt": "count"}))
+    assert consumer.receipt("count")["num-messages"] == "2"
+    time.sleep(1.0)                          # five flush periods
+    cluster.stop()
+    cluster.start()
+    b.kill9()
+    b.start()
+    c = b.client()
+    assert c.count_msgs("acked") == 2, "an ACKed message came back"
