@@ -678,3 +678,22 @@ def test_broker_acks_reach_postgresql_within_flush_periods(pg_broker, cluster):
     b.start()
     c = b.client()
     assert c.count_msgs("acked") == 2, "an ACKed message came back"
+
+
+def test_broker_conninfo_from_pg_variables(pg_broker, cluster, pg, monkeypatch, tmp_path):
+    dbname = pg.split("dbname=")[1].split()[0]
+    for var, value in (("PGHOST", "127.0.0.1"), ("PGPORT", str(cluster.port)),
+                       ("PGUSER", "postgres"), ("PGDATABASE", dbname)):
+        monkeypatch.setenv(var, value)
+    b = PgBroker(tmp_path, "", name="pgenv")          # -pg "": everything from PG* variables
+    try:
+        b.start()
+        b.client().send("/queue/fromenv", b"via PG* variables")
+    finally:
+        b.stop()
+    conn = psycopg2.connect(pg)
+    with conn.cursor() as cur:
+        cur.execute("SELECT body FROM messages WHERE queue = 'fromenv'")
+        assert [bytes(r[0]) for r in cur.fetchall()] == [b"via PG* variables"]
+    conn.close()
+    assert not os.path.exists(os.path.join(os.path.dirname(BROKER), "ocamlmq.db"))
