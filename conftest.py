@@ -69,6 +69,10 @@ class Broker:
         self.flags = list(flags)
         self.name = name
         self.port = port or free_port()
+        self.host = HOST
+        if "-address" in self.flags:
+            addr = self.flags[self.flags.index("-address") + 1]
+            self.host = HOST if addr in ("0.0.0.0", "::") else addr
         self.db = str(tmp_path / f"{name}.db")
         self.proc = None
         self.runs = 0
@@ -102,7 +106,7 @@ class Broker:
                 raise AssertionError(f"broker exited with {self.proc.returncode} at start:\n"
                                      f"{self.stderr()}")
             try:
-                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
                 return self
             except OSError:
                 pass
@@ -169,7 +173,7 @@ class Broker:
 
     def raw_client(self, timeout=RECV_TIMEOUT):
         """A connected socket that has not sent CONNECT yet."""
-        c = Client(self.port, timeout=timeout)
+        c = Client(self.port, timeout=timeout, host=self.host)
         self.clients.append(c)
         return c
 

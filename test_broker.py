@@ -156,6 +156,32 @@ def test_open_connections_are_closed_on_sigterm(broker):
     c.expect_closed()
 
 
+def test_address_flag_chooses_the_bind_address(start_broker):
+    b = start_broker("-address", "127.0.0.2")
+    b.client().send("/topic/x", "reachable on 127.0.0.2")
+    with pytest.raises(OSError):
+        socket.create_connection((HOST, b.port), timeout=2).close()
+
+
+def test_address_0_0_0_0_listens_on_all_interfaces(start_broker):
+    b = start_broker("-address", "0.0.0.0")
+    b.client().send("/topic/x", "reachable on 127.0.0.1")
+    socket.create_connection(("127.0.0.2", b.port), timeout=2).close()
+
+
+def test_debug_flag_writes_debug_logging_to_stderr(start_broker, qname):
+    quiet = start_broker(name="quiet")
+    loud = start_broker("-debug", name="loud")
+    for b in (quiet, loud):
+        c = b.client()
+        c.subscribe(f"/queue/{qname}")
+        c.send(f"/queue/{qname}", "x")
+        c.message()
+        c.disconnect()
+    time.sleep(0.3)
+    assert len(loud.stderr().splitlines()) > len(quiet.stderr().splitlines()), loud.stderr()
+
+
 # ============================================================================================
 # §3 Wire protocol
 # ============================================================================================
@@ -1270,7 +1296,7 @@ def test_nack_in_client_mode_is_cumulative(broker, qname):
     c.expect_nothing()
 
 
-def test_ack_after_the_delivery_was_taken_back_by_nack_is_ignored(broker, qname):
+def test_ack_after_the_delivery_was_taken_back_is_ignored(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", id="sa", ack="client-individual")
     a.send(f"/queue/{qname}", "x")
@@ -1691,3 +1717,36 @@ def test_garbage_before_connect_closes_the_socket(broker):
     c.send_raw(b"\x00\x01\x02garbage\n\n\x00")
     assert all(f.command == "ERROR" for f in c.expect_closed())
     broker.client().send("/topic/x", "broker still fine")
+
+
+def test_slow_queue_consumer_pauses_delivery_instead_of_losing_messages(broker, qname):
+    p = broker.client()
+    body = b"q" * 100_000
+    n = 60                                   # 6 MB: well above the 1 MiB high-water mark
+    for i in range(n):
+        p.send(f"/queue/{qname}", body, receipt=(i == n - 1), headers={"x-seq": str(i)})
+    slow = broker.client()
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.subscribe(f"/queue/{qname}", ack="auto", receipt=False)
+    time.sleep(1.5)                          # the broker fills the socket, then must pause
+    got = [slow.message(timeout=10) for _ in range(n)]
+    assert [int(m["x-seq"]) for m in got] == list(range(n))
+    assert all(m.body == body for m in got)
+    slow.send(f"/topic/{qname}", "still connected")
+
+
+def test_a_connection_over_max_pending_gets_error_and_is_closed(start_broker, qname):
+    b = start_broker("-max-pending", "200000")
+    slow = b.client()
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.subscribe(f"/topic/{qname}")
+    p = b.client()
+    chunk = b"".join(encode_frame("SEND", {"destination": f"/topic/{qname}"}, b"t" * 65536)
+                     for _ in range(50))
+    for _ in range(8):                       # 26 MB of topic messages for a reader that waits
+        p.send_raw(chunk)
+    barrier(p)
+    frames = slow.expect_closed(timeout=20)
+    assert frames and frames[-1].command == "ERROR", [f.command for f in frames[-3:]]
+    assert len(frames) - 1 < 400, "every message arrived: nothing was over the limit"
+    p.send(f"/topic/{qname}", "producer unaffected")

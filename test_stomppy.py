@@ -237,7 +237,6 @@ def test_stomppy_transactional_ack(stomppy, broker, qname, version):
 @pytest.mark.parametrize("version", ["1.1", "1.2"])
 def test_stomppy_heart_beats_keep_an_idle_connection_alive(stomppy, qname, version):
     conn, listener = stomppy(version, heartbeats=(200, 200))
-    assert listener.frames == [] or all(k != "ERROR" for k, _ in listener.frames)
     time.sleep(2.0)
     assert listener.heartbeats >= 3, listener.heartbeats
     assert conn.is_connected()
