@@ -696,4 +696,3 @@ def test_broker_conninfo_from_pg_variables(pg_broker, cluster, pg, monkeypatch, 
         cur.execute("SELECT body FROM messages WHERE queue = 'fromenv'")
         assert [bytes(r[0]) for r in cur.fetchall()] == [b"via PG* variables"]
     conn.close()
-    assert not os.path.exists(os.path.join(os.path.dirname(BROKER), "ocamlmq.db"))
