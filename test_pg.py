@@ -696,3 +696,15 @@ def test_broker_conninfo_from_pg_variables(pg_broker, cluster, pg, monkeypatch, 
         cur.execute("SELECT body FROM messages WHERE queue = 'fromenv'")
         assert [bytes(r[0]) for r in cur.fetchall()] == [b"via PG* variables"]
     conn.close()
+
+
+def test_broker_large_binary_body_survives_restart(pg_broker):
+    body = os.urandom(8 << 20) + b"\x00end"
+    b = pg_broker()
+    b.client().send("/queue/big", body)
+    b.kill9()
+    b.start()
+    c = b.client()
+    c.subscribe("/queue/big")
+    m = c.message(timeout=10)
+    assert len(m.body) == len(body) and m.body == body
