@@ -206,7 +206,7 @@ def fmt_bcpu(f):
 
 
 def print_table(figs, out=sys.stdout):
-    rows = [("case", "figure", "value", "loadgen CPU", "broker CPU", "ok")]
+    rows = [("scenario", "figure", "value", "loadgen CPU", "broker CPU", "ok")]
     for f in figs:
         rows.append((f["case"], f["figure"], fmt_value(f["value"], f["unit"]), fmt_cpu(f),
                      fmt_bcpu(f), "ok" if f["ok"] else "FAIL"))
