@@ -129,7 +129,7 @@ def run_case(name, args, timeout):
         if args.port:
             probe = loadgen.ProcProbe(args.pid) if args.pid else None
             env = loadgen.Env(args.host, args.port, timeout, probe, args.scale,
-                              args.login, args.passcode)
+                              args.login, args.passcode, control=not args.no_control)
         else:
             broker = Broker(args.backend, args.pg, args.broker_arg, args.login, args.passcode)
             env = loadgen.Env("127.0.0.1", broker.port, timeout, broker.probe, args.scale,
@@ -262,6 +262,9 @@ def main(argv=None):
     ap.add_argument("--pid", type=int, help="PID of the external broker (RSS/CPU figures)")
     ap.add_argument("--login")
     ap.add_argument("--passcode")
+    ap.add_argument("--no-control", action="store_true",
+                    help="external broker without ocamlmq's /control/ destinations: the backlog "
+                         "fill ends with a receipted SEND and the count checks are skipped")
     ap.add_argument("--backend", choices=("sqlite", "pg"), default="sqlite")
     ap.add_argument("--pg", metavar="CONNINFO", help="with --backend pg: -pg CONNINFO for the broker")
     ap.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
