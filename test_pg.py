@@ -21,6 +21,7 @@ import time
 import pytest
 
 import pgserver
+import storage_pg
 from conftest import BROKER, Broker, encode_frame, free_port
 
 REQUIRE_PG = os.environ.get("OCAMLMQ_REQUIRE_PG") == "1"
@@ -72,7 +73,6 @@ def pg(cluster):
 @pytest.fixture
 def backends(pg):
     """Factory of PgBackend objects on the test's database; all are closed at teardown."""
-    import storage_pg
     made = []
 
     def make(conninfo=pg, **kw):
@@ -146,7 +146,6 @@ def test_fetch_pages_after_a_key(backends):
 
 
 def test_fetch_is_one_index_range_scan(backends):
-    import storage_pg
     b = backends()
     b.insert([row(i) for i in range(1, 100)])
     b.commit()
@@ -278,7 +277,6 @@ def test_conninfo_may_be_a_uri_or_come_from_pg_variables(cluster, pg, backends, 
 def test_unreachable_server_is_a_one_line_storage_error():
     if psycopg2 is None:
         _unavailable("psycopg2 is not installed (pip install -r requirements.txt)")
-    import storage_pg
     port = free_port()
     t0 = time.monotonic()
     with pytest.raises(storage_pg.StorageError) as err:
@@ -291,7 +289,6 @@ def test_unreachable_server_is_a_one_line_storage_error():
 
 
 def test_a_failed_statement_rolls_back_and_the_backend_goes_on(backends):
-    import storage_pg
     b = backends()
     b.insert([row(1)])
     b.commit()
@@ -306,7 +303,6 @@ def test_a_failed_statement_rolls_back_and_the_backend_goes_on(backends):
 
 
 def test_outage_raises_storage_error_then_reconnects(cluster, backends):
-    import storage_pg
     b = backends(reconnect_interval=0)
     b.insert([row(1)])
     b.commit()
@@ -329,7 +325,6 @@ def test_outage_raises_storage_error_then_reconnects(cluster, backends):
 
 
 def test_reconnection_attempts_are_spaced(cluster, backends):
-    import storage_pg
     b = backends(reconnect_interval=60)
     b.count("q")
     cluster.stop()
@@ -347,7 +342,6 @@ def test_reconnection_attempts_are_spaced(cluster, backends):
 
 
 def test_close_commits_and_a_closed_backend_refuses(backends):
-    import storage_pg
     b = backends()
     b.insert([row(1)])
     b.close()
