@@ -144,9 +144,10 @@ class Broker:
         """Signal the broker while clients stay open; returns the exit code."""
         return self._signal_and_wait(sig)
 
-    def kill9(self):
+    def kill9(self, close_clients=True):
         rc = self._signal_and_wait(signal.SIGKILL)
-        self.close_clients()
+        if close_clients:
+            self.close_clients()
         return rc
 
     def restart(self):

@@ -64,6 +64,7 @@ def test_help_prints_usage_listing_every_flag_and_exits_0(flag):
 @pytest.mark.parametrize("args", [
     ["-bogus"],
     ["-port", "abc"],
+    ["-port", "70000"],
     ["-flush-period", "soon"],
     ["-maxmsgs", "many"],
     ["-max-prefetch", "x"],
@@ -959,6 +960,31 @@ def test_many_receipted_sends_pipelined_survive_kill_9(broker, qname):
     assert c.count_msgs(qname) == 50
     c.subscribe(f"/queue/{qname}")
     assert [m.body for m in c.messages(50)] == [f"m{i}".encode() for i in range(50)]
+
+
+def test_every_receipted_send_survives_a_kill_9_in_mid_stream(broker, qname):
+    c = broker.client()
+    n = 400
+    c.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": f"k{i}"},
+                                     f"m{i}") for i in range(n)))
+    receipted = set()
+    while len(receipted) < 50:
+        receipted.add(c.expect("RECEIPT")["receipt-id"])
+    broker.kill9(close_clients=False)
+    try:                                      # receipts already on their way count too
+        while True:
+            receipted.add(c.expect("RECEIPT", timeout=1)["receipt-id"])
+    except AssertionError:                    # closed (or nothing more)
+        pass
+    broker.close_clients()
+    broker.start()
+    c = broker.client()
+    stored = c.count_msgs(qname)
+    assert stored >= len(receipted)
+    c.subscribe(f"/queue/{qname}")
+    bodies = {m.body.decode() for m in c.messages(stored)}
+    missing = {r for r in receipted if "m" + r[1:] not in bodies}
+    assert not missing, f"receipted but lost after kill -9: {sorted(missing)[:10]}"
 
 
 def test_unreceipted_sends_reach_disk_at_the_flush_period(start_broker, qname):
