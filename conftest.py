@@ -547,14 +547,15 @@ class Client:
             h["id"] = id
         if destination is not None:
             h["destination"] = destination
-        return self._simple("UNSUBSCRIBE", h, receipt, kw)
+        return self.request("UNSUBSCRIBE", h, receipt, **kw)
 
-    def _simple(self, command, h, receipt, kw, headers=None):
+    def request(self, command, headers=None, receipt=True, **kw):
+        """Send any frame; with receipt (True or an id) wait for and return its RECEIPT."""
+        h = self._headers(headers, kw)
         rid = None
         if receipt:
             rid = receipt if isinstance(receipt, str) else self.next_receipt_id()
             h["receipt"] = rid
-        h.update(self._headers(headers, kw))
         self.send_frame(command, h)
         return self.receipt(rid) if rid else None
 
@@ -574,19 +575,19 @@ class Client:
 
     def ack(self, msg, receipt=True, by=None, **kw):
         """ACK a MESSAGE frame the way this client's version does it (by='id'/'message-id' forces)."""
-        return self._simple("ACK", self._ack_headers(msg, by), receipt, kw)
+        return self.request("ACK", self._ack_headers(msg, by), receipt, **kw)
 
     def nack(self, msg, receipt=True, by=None, **kw):
-        return self._simple("NACK", self._ack_headers(msg, by), receipt, kw)
+        return self.request("NACK", self._ack_headers(msg, by), receipt, **kw)
 
     def begin(self, tx, receipt=True):
-        return self._simple("BEGIN", {"transaction": tx}, receipt, {})
+        return self.request("BEGIN", {"transaction": tx}, receipt)
 
     def commit(self, tx, receipt=True):
-        return self._simple("COMMIT", {"transaction": tx}, receipt, {})
+        return self.request("COMMIT", {"transaction": tx}, receipt)
 
     def abort(self, tx, receipt=True):
-        return self._simple("ABORT", {"transaction": tx}, receipt, {})
+        return self.request("ABORT", {"transaction": tx}, receipt)
 
     def disconnect(self, receipt=True):
         """DISCONNECT; with a receipt, waits for the RECEIPT and the close."""

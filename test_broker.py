@@ -1293,7 +1293,7 @@ def test_ack_of_an_unknown_id_is_ignored_but_receipted(broker, qname, version):
     c.subscribe(f"/queue/{qname}", ack="client-individual")
     c.send(f"/queue/{qname}", "x")
     c.message()
-    c._simple("ACK", {"id": "no-such-id", "message-id": "no-such-id"}, True, {})
+    c.request("ACK", {"id": "no-such-id", "message-id": "no-such-id"})
     assert c.count_msgs(qname) == 1
 
 
@@ -1568,7 +1568,7 @@ def test_unknown_finished_or_duplicate_transaction_is_an_error(broker, qname, sc
     c = broker.client()
     *ok, (command, headers) = scenario
     for i, (cmd, h) in enumerate(ok):
-        c._simple(cmd, {k: v.format(q=qname) for k, v in h.items()}, f"ok{i}", {})
+        c.request(cmd, {k: v.format(q=qname) for k, v in h.items()}, receipt=f"ok{i}")
     c.send_frame(command, {**{k: v.format(q=qname) for k, v in headers.items()}, "receipt": "bad"}, "x" if command == "SEND" else b"")
     assert c.expect_error().get("receipt-id") == "bad"
     assert broker.client().count_msgs(qname) == 0
