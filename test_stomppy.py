@@ -91,8 +91,8 @@ def stomppy(broker):
         listener = Collector()
         conn.set_listener("collector", listener)
         conns.append(conn)
-        conn.connect(wait=True, **connect_kw)
-        listener.connected = listener.wait_for("CONNECTED")
+        conn.connect(wait=False, **connect_kw)      # wait=True would wait without a bound
+        listener.connected = listener.wait_for("CONNECTED", timeout=5)
         return conn, listener
 
     yield make
@@ -282,14 +282,31 @@ def test_stomppy_error_reaches_the_listener(stomppy, version):
     assert err.headers.get("receipt-id") == "bad"
 
 
-def test_stomppy_credentials(start_broker):
+def test_stomppy_wrong_credentials_get_an_error(start_broker):
     b = start_broker("-login", "alice", "-passcode", "s3cret")
     conn = stomp.Connection12([(HOST, b.port)], reconnect_attempts_max=1, timeout=5)
     listener = Collector()
     conn.set_listener("c", listener)
     try:
-        conn.connect("alice", "s3cret", wait=True)
-        listener.wait_for("CONNECTED")
+        conn.connect("alice", "wrong", wait=False)
+        err = listener.wait_for("ERROR", timeout=5)
+        assert err.headers.get("message")
+        assert not [f for k, f in listener.frames if k == "CONNECTED"]
+    finally:
+        try:
+            conn.disconnect()
+        except Exception:
+            pass
+
+
+def test_stomppy_right_credentials_connect(start_broker):
+    b = start_broker("-login", "alice", "-passcode", "s3cret")
+    conn = stomp.Connection12([(HOST, b.port)], reconnect_attempts_max=1, timeout=5)
+    listener = Collector()
+    conn.set_listener("c", listener)
+    try:
+        conn.connect("alice", "s3cret", wait=False)
+        listener.wait_for("CONNECTED", timeout=5)
         assert conn.is_connected()
     finally:
         conn.disconnect()
