@@ -16,7 +16,6 @@ The tests are black-box: every test starts the real broker (`python3 ocamlmq.py 
 import collections
 import itertools
 import os
-import select
 import signal
 import socket
 import struct

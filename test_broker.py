@@ -11,7 +11,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import HOST, QUIET, encode_frame, free_port, run_cli
+from conftest import HOST, encode_frame, free_port, run_cli
 
 
 def collect(clients, n, timeout=5.0):
