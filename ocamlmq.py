@@ -166,6 +166,8 @@ class FrameParser:
                 if len(buf) > self.max_frame_size:
                     raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
                 return None
+            if body_end > self.max_frame_size:
+                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
         body = bytes(buf[body_start:body_end])
         del buf[:body_end + 1]
         self.head = None
@@ -188,7 +190,7 @@ class FrameParser:
         buf = self.buffer
         start = max(0, self.scanned - 3)
         lf = buf.find(b"\n\n", start)
-        crlf = buf.find(b"\n\r\n", start)
+        crlf = buf.find(b"\n\r\n", start, lf + 2 if lf >= 0 else len(buf))
         if lf >= 0 and (crlf < 0 or lf < crlf):
             return lf + 1, 1
         if crlf >= 0:
@@ -261,7 +263,7 @@ class Message:
         self.headers = headers        # [(name, value), ...]
         self.body = body
         self.redelivered = redelivered
-        self.state = state            # where the store holds it: CACHED, BATCHED or None (on disk)
+        self.state = state            # where the store holds it: ON_DISK, CACHED, BATCHED, ...
         self.tails = None             # encoded headers and body, per version, for topic fan-out
 
     def row(self):
@@ -275,7 +277,12 @@ class Message:
                    bytes(body))
 
 
-CACHED, BATCHED = "cached", "batched"
+# Where the store holds a message (Message.state).
+ON_DISK = None                # written and committed
+CACHED = "cached"             # in the cache, to be written at the next flush
+BATCHED = "batched"           # in this turn's durable batch, written at the end of the turn
+RETRY = "retry"               # in the cache after a failed commit: the row may exist or not
+ACKED = "acked"               # done; skipped if still waiting to be written
 
 
 class MessageStore:
@@ -295,8 +302,9 @@ class MessageStore:
     A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows:
       max_id(), insert(rows), delete(ids), commit(), fetch(queue, after, limit), count(queue),
       close(); insert and delete join an open transaction that commit() makes durable, and
-      fetch and count see it. Any failure raises the backend's StorageError, and the store keeps
-      what it could not write, to try again at the next flush.
+      fetch and count see it. Any failure raises the backend's StorageError and loses that open
+      transaction; the store then keeps everything it had not committed, in memory, to write
+      again at the next flush, and reports `healthy = False` until a write succeeds.
     """
 
     def __init__(self, backend, storage_error):
@@ -305,6 +313,7 @@ class MessageStore:
         self.cache = {}           # id -> Message saved without a receipt, not yet written
         self.batch = []           # messages saved with a receipt this turn
         self.deletes = []         # ids of ACKed messages whose rows are to be deleted
+        self.applied = []         # deletes sent into the open transaction, not yet committed
         self.unwritten = {}       # queue name -> messages of that queue in cache or batch
         self.sync_wanted = False  # a receipted ACK waits for its delete to be durable
         self.healthy = True
@@ -319,12 +328,14 @@ class MessageStore:
         self.unwritten[msg.queue] = self.unwritten.get(msg.queue, 0) + 1
 
     def ack(self, msg):
-        if msg.state is None:
+        state = msg.state
+        if state is ON_DISK or state is RETRY:
             self.deletes.append(msg.id)
+        if state is ON_DISK or state is ACKED:
             return
-        if msg.state is CACHED:
+        if state is not BATCHED:
             del self.cache[msg.id]
-        msg.state = "acked"       # a batched message is skipped when the batch is written
+        msg.state = ACKED         # a batched message is skipped when the batch is written
         self._forget_unwritten(msg.queue)
 
     def _forget_unwritten(self, queue):
@@ -335,63 +346,65 @@ class MessageStore:
             del self.unwritten[queue]
 
     def commit(self):
-        """Write the durable batch and the deletes, and sync. Raises StorageError; then the batch
-        moves into the cache, to be written by a later flush."""
-        if not (self.batch or self.sync_wanted):
-            return
-        batch, self.batch = self.batch, []
-        self.sync_wanted = False
-        try:
+        """Write the durable batch and the deletes, synced. Raises StorageError."""
+        if self.batch or self.sync_wanted:
+            self.sync_wanted = False
+            batch, self.batch = self.batch, []
             self._write(batch)
-        except self.StorageError:
-            for msg in batch:
-                if msg.state is BATCHED:
-                    msg.state = CACHED
-                    self.cache[msg.id] = msg
-            raise
 
     def flush(self):
-        """Write everything unwritten and sync; when unhealthy, also try whether storage is back."""
-        if self.healthy and not (self.cache or self.batch or self.deletes):
+        """Write everything unwritten, synced; when unhealthy, this also tries the backend again.
+        Raises StorageError."""
+        if self.healthy and not (self.cache or self.batch or self.deletes or self.applied):
             return
-        cached = list(self.cache.values())
-        self.cache.clear()
-        batch, self.batch = self.batch, []
-        try:
-            self._write(batch + cached)
-        except self.StorageError:
-            for msg in batch + cached:
-                if msg.state is not None and msg.state != "acked":
-                    msg.state = CACHED
-                    self.cache[msg.id] = msg
-            raise
+        msgs = self.batch + list(self.cache.values())
+        self.batch = []
+        self.cache = {}
+        self._write(msgs)
 
     def _write(self, msgs):
-        rows = [msg.row() for msg in msgs if msg.state in (CACHED, BATCHED)]
+        """One transaction for `msgs` and the pending deletes. On failure, whatever was not
+        committed goes back into the cache and the delete list."""
         try:
+            rows = [msg.row() for msg in msgs if msg.state is not ACKED]
             if rows:
                 self.backend.insert(rows)
-            if self.deletes:
-                self.backend.delete(self.deletes)
+            self._apply_deletes()
             self.backend.commit()
         except self.StorageError:
-            self.healthy = False
+            self._failed()
+            for msg in msgs:
+                if msg.state is not ACKED:
+                    msg.state = RETRY
+                    self.cache[msg.id] = msg
             raise
         self.healthy = True
-        self.deletes = []
+        self.applied = []
         for msg in msgs:
-            if msg.state in (CACHED, BATCHED):
-                msg.state = None
+            if msg.state is not ACKED:
+                msg.state = ON_DISK
                 self._forget_unwritten(msg.queue)
 
+    def _apply_deletes(self):
+        """Delete ACKed rows in the open transaction, so that reads no longer see them."""
+        if self.deletes:
+            ids, self.deletes = self.deletes, []
+            self.applied += ids
+            self.backend.delete(ids)
+
+    def _failed(self):
+        self.healthy = False
+        self.deletes = self.applied + self.deletes
+        self.applied = []
+
     def fetch(self, queue, after, limit):
+        if queue in self.unwritten:
+            self.flush()
         try:
-            if queue in self.unwritten:
-                self.flush()
             self._apply_deletes()
             rows = self.backend.fetch(queue, after, limit)
         except self.StorageError:
-            self.healthy = False
+            self._failed()
             raise
         return [Message.from_row(queue, row) for row in rows]
 
@@ -400,14 +413,8 @@ class MessageStore:
             self._apply_deletes()
             return self.backend.count(queue) + self.unwritten.get(queue, 0)
         except self.StorageError:
-            self.healthy = False
+            self._failed()
             raise
-
-    def _apply_deletes(self):
-        """Delete ACKed rows now (in the open transaction), so that reads do not see them."""
-        if self.deletes:
-            self.backend.delete(self.deletes)
-            self.deletes = []
 
     def cached(self):
         return len(self.cache)
@@ -545,6 +552,9 @@ class Broker:
         except self.store.StorageError as e:
             log.error("storage failed: %s", e)
             self.fail(client, f"storage unavailable: {e}", frame)
+        except Exception:         # a bug of ours: end this connection only, keep serving the rest
+            log.exception("%s: internal error handling %r", client.session, frame)
+            self.fail(client, "internal error", frame)
 
     def connection_lost(self, client):
         """The socket is gone: every unacked queue message goes back to its queue at once."""
@@ -573,10 +583,12 @@ class Broker:
     def end_of_turn(self):
         """Group commit: sync this turn's receipted messages before any RECEIPT is written.
         If the disk write fails, the receipts that waited for it become ERRORs."""
+        was_healthy = self.store.healthy
         try:
             self.store.commit()
         except self.store.StorageError as e:
-            log.error("storage failed, receipted SENDs get ERRORs until it is back: %s", e)
+            if was_healthy:
+                log.error("storage failed, receipted frames get ERRORs until it is back: %s", e)
             for client, mark in list(self.awaiting_sync.items()):
                 del client.outbox[mark:]
                 self.fail(client, "message could not be stored: storage unavailable")
@@ -591,8 +603,8 @@ class Broker:
         self.written.add(client)
         if len(client.outbox) > self.HIGH_WATER:
             client.paused = True
-            if len(client.outbox) > self.max_pending:
-                self.fail(client, "slow consumer: too much unsent output")
+        if len(client.outbox) > self.max_pending and not client.closing:
+            self.fail(client, "slow consumer: too much unsent output")
 
     def send_frame(self, client, command, headers, body=None):
         self.send(client, encode_frame(command, headers, body, client.version))
@@ -602,6 +614,11 @@ class Broker:
         if receipt_id is not None:
             self.send_frame(client, "RECEIPT", [("receipt-id", receipt_id), *extra.items()])
 
+    def hold_until_synced(self, client):
+        """What the client is sent from here on in this turn depends on the turn's commit: if
+        that fails, it is replaced by an ERROR (see end_of_turn)."""
+        self.awaiting_sync.setdefault(client, len(client.outbox))
+
     def fail(self, client, message, frame=None):
         """The one place that answers a client's mistake: ERROR, then close, and release."""
         if client.closing:
@@ -610,6 +627,7 @@ class Broker:
         headers = [("message", message)]
         if frame is not None and "receipt" in frame.headers:
             headers.append(("receipt-id", frame.headers["receipt"]))
+        client.closing = True
         self.send_frame(client, "ERROR", headers, message.encode() + b"\n")
         self.close(client)
 
@@ -735,8 +753,8 @@ class Broker:
             if queue is not None:
                 self.offer(queue, msg)
                 self.dispatch(queue)
-            if durable and "receipt" in frame.headers and client not in self.awaiting_sync:
-                self.awaiting_sync[client] = len(client.outbox)
+            if durable and "receipt" in frame.headers:
+                self.hold_until_synced(client)
         self.receipt(client, frame)
 
     def control(self, client, frame, name):
@@ -810,6 +828,7 @@ class Broker:
             self.make_ready(sub)
         if "receipt" in frame.headers:
             self.store.sync_wanted = True
+            self.hold_until_synced(client)
         self.receipt(client, frame)
 
     def cmd_nack(self, client, frame):
@@ -866,8 +885,8 @@ class Broker:
             inner.headers.pop("receipt", None)
             if handler is Broker.cmd_send:
                 handler(self, client, inner, durable=durable)
-                if durable and client not in self.awaiting_sync:
-                    self.awaiting_sync[client] = len(client.outbox)
+                if durable:
+                    self.hold_until_synced(client)
             else:
                 handler(self, client, inner)
         self.receipt(client, frame)
@@ -1306,14 +1325,11 @@ class Reactor:
         self.selector.unregister(self.listener)
         self.listener.close()
         for client in list(self.sockets):
-            sock = self.sockets[client]
-            for _ in range(64):
-                try:
-                    data = sock.recv(self.READ_SIZE)
-                except OSError:
-                    break
-                if not data:
-                    break
+            try:
+                data = self.sockets[client].recv(self.READ_SIZE)
+            except OSError:
+                continue
+            if data:
                 self.broker.data_received(client, data)
         self.broker.end_of_turn()
         for client in list(self.sockets):
@@ -1474,7 +1490,7 @@ def main(argv):
     signal.signal(signal.SIGINT, reactor.request_stop)
     signal.signal(signal.SIGTERM, reactor.request_stop)
     log.info("listening on %s:%d, storing in %s", settings["address"], settings["port"],
-             "PostgreSQL" if settings["pg"] else settings["database"])
+             "PostgreSQL" if settings["pg"] is not None else settings["database"])
     try:
         reactor.run()
     except storage_error as e:
