@@ -566,7 +566,7 @@ class Client:
             h["id"] = msg["ack"] if "ack" in msg else msg["message-id"]
         elif by == "message-id":
             h["message-id"] = msg["message-id"]
-            if "subscription" in msg:
+            if self.version == "1.1" and "subscription" in msg:   # 1.0 ACK has message-id only
                 h["subscription"] = msg["subscription"]
         else:
             raise ValueError(by)

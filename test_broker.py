@@ -987,6 +987,74 @@ def test_every_receipted_send_survives_a_kill_9_in_mid_stream(broker, qname):
     assert not missing, f"receipted but lost after kill -9: {sorted(missing)[:10]}"
 
 
+@pytest.mark.parametrize("how", ["clean", "kill9"])
+def test_priority_order_survives_a_restart(broker, qname, how):
+    c = broker.client()
+    for body, prio in (("a", 0), ("b", 7), ("c", -2), ("d", 7), ("e", 3)):
+        c.send(f"/queue/{qname}", body, priority=prio)
+    if how == "clean":
+        broker.restart()
+    else:
+        broker.kill9()
+        broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    assert [m.body for m in c.messages(5)] == [b"b", b"d", b"e", b"a", b"c"]
+
+
+def test_queue_names_and_bodies_are_kept_exactly_across_a_restart(broker):
+    names = ["with space", "ünïcödé-名前", "a.b/c", "x" * 200]
+    c = broker.client()
+    for name in names:
+        c.send(f"/queue/{name}", name.encode() + b"\x00\xff", content_length=True)
+    c.send(f"/queue/empty-{names[0]}", b"")
+    broker.kill9()
+    broker.start()
+    c = broker.client()
+    for name in names:
+        c.subscribe(f"/queue/{name}")
+        m = c.message()
+        assert m["destination"] == f"/queue/{name}"
+        assert m.body == name.encode() + b"\x00\xff"
+    c.subscribe(f"/queue/empty-{names[0]}")
+    assert c.message().body == b""
+
+
+def test_a_backlog_split_between_disk_and_cache_is_delivered_in_order(start_broker, qname):
+    b = start_broker("-maxmsgs", "10", "-flush-period", "600", "-max-prefetch", "1000")
+    c = b.client()
+    expected = []
+    for i in range(120):
+        prio = (i * 7) % 3
+        c.send(f"/queue/{qname}", f"m{i}", receipt=(i % 5 == 0), priority=prio)
+        expected.append((-prio, i))
+    barrier(c)
+    assert c.count_msgs(qname) == 120
+    c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=1000)
+    got = [m.body.decode() for m in c.messages(120)]
+    assert got == [f"m{i}" for _, i in sorted(expected)]
+    c.expect_nothing()
+
+
+def test_a_thousand_stored_messages_are_all_delivered_after_a_restart(broker, qname):
+    c = broker.client()
+    c.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}"}, f"m{i}")
+                        for i in range(1000)))
+    barrier(c)
+    broker.restart()
+    c = broker.client()
+    assert c.count_msgs(qname) == 1000
+    c.subscribe(f"/queue/{qname}", ack="client", prefetch=50)
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < 1000:
+        batch = [c.message(timeout=max(0.1, deadline - time.monotonic())) for _ in range(50)]
+        got += batch
+        c.ack(batch[-1])                     # cumulative: frees the whole batch
+    assert [m.body for m in got] == [f"m{i}".encode() for i in range(1000)]
+    assert c.count_msgs(qname) == 0
+
+
 def test_unreceipted_sends_reach_disk_at_the_flush_period(start_broker, qname):
     b = start_broker("-flush-period", "0.2")
     c = b.client()
@@ -1146,6 +1214,18 @@ def test_prefetch_applies_to_queue_not_topic_messages(broker, qname):
     for i in range(3):
         c.send(f"/topic/{qname}", f"t{i}")
     assert [m.body for m in c.messages(3)] == [b"t0", b"t1", b"t2"]
+
+
+def test_cumulative_ack_frees_every_prefetch_slot_it_acks(broker, qname):
+    c = broker.client()
+    for i in range(6):
+        c.send(f"/queue/{qname}", f"m{i}")
+    c.subscribe(f"/queue/{qname}", ack="client", prefetch=2)
+    first = c.messages(2)
+    c.expect_nothing()
+    c.ack(first[1])
+    assert [m.body for m in c.messages(2)] == [b"m2", b"m3"]
+    c.expect_nothing()
 
 
 def test_ready_subscriptions_are_served_round_robin(broker, qname):
@@ -1385,6 +1465,43 @@ def test_ack_timeout_redelivers_to_the_same_subscriber_when_it_is_the_only_one(b
     assert m2["redelivered"] == "true"
 
 
+def test_a_message_acked_within_its_ack_timeout_is_not_redelivered(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "quick", headers={"ack-timeout": "0.4"})
+    c.ack(c.message())
+    c.expect_nothing(1.2)
+    assert c.count_msgs(qname) == 0
+
+
+def test_ack_timeout_applies_again_after_a_redelivery(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "slow", headers={"ack-timeout": "0.4"})
+    ids = {m["message-id"] for m in c.messages(3, timeout=5)}
+    assert len(ids) == 1
+
+
+def test_a_returned_message_keeps_its_priority(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=1)
+    c.send(f"/queue/{qname}", "high", priority=9)
+    m = c.message()
+    for i in range(3):
+        c.send(f"/queue/{qname}", f"low{i}", priority=1)
+    c.nack(m)
+    assert c.message().body == b"high"
+
+
+def test_ack_of_a_topic_message_is_harmless(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/topic/{qname}", ack="client-individual")
+    c.send(f"/topic/{qname}", "t")
+    c.ack(c.message())
+    c.send(f"/topic/{qname}", "t2")
+    assert c.message().body == b"t2"
+
+
 def test_without_ack_timeout_the_broker_waits_for_the_ack(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1524,6 +1641,19 @@ def test_disconnect_or_drop_discards_an_open_transaction(broker, qname, how):
         c.drop()
     sub.expect_nothing(1.0)
     assert sub.count_msgs(qname) == 0
+
+
+def test_disconnect_with_a_pending_transactional_ack_returns_the_message(broker, qname):
+    a, b = broker.client(), broker.client()
+    a.subscribe(f"/queue/{qname}", ack="client-individual")
+    a.send(f"/queue/{qname}", "x")
+    m = a.message()
+    a.begin("t1")
+    a.ack(m, transaction="t1")
+    b.subscribe(f"/queue/{qname}", ack="client-individual")
+    a.disconnect()
+    again = b.message(timeout=3)
+    assert again["message-id"] == m["message-id"]
 
 
 def test_commit_receipt_means_the_transactions_sends_are_durable(broker, qname):
