@@ -743,6 +743,17 @@ def test_queue_message_is_stored_until_a_subscriber_comes(broker, qname):
     assert c.message().body == b"waiting"
 
 
+def test_topic_message_reaches_fifty_subscribers_once_each(broker, qname):
+    subs = [broker.client() for _ in range(50)]
+    for s in subs:
+        s.subscribe(f"/topic/{qname}")
+    broker.client().send(f"/topic/{qname}", "fan out")
+    for s in subs:
+        assert s.message().body == b"fan out"
+    for s in subs[:5]:
+        s.expect_nothing(0.1)
+
+
 def test_topic_message_is_broadcast_to_every_subscriber(broker, qname):
     subs = [broker.client(v) for v in ("1.0", "1.1", "1.2")]
     for s in subs:
@@ -1261,6 +1272,13 @@ def test_stored_messages_are_delivered_at_subscribe_in_priority_order(broker, qn
         c.send(f"/queue/{qname}", body, priority=prio)
     c.subscribe(f"/queue/{qname}", ack="client-individual")
     assert [m.body for m in c.messages(3)] == [b"high", b"mid", b"low"]
+
+
+def test_two_1_0_subscriptions_to_one_destination_without_id_are_a_duplicate(broker, qname):
+    c = broker.client("1.0")
+    c.subscribe(f"/queue/{qname}", id=None)
+    c.send_frame("SUBSCRIBE", {"destination": f"/queue/{qname}", "receipt": "r2"})
+    assert c.expect_error().get("receipt-id") == "r2"
 
 
 def test_duplicate_subscription_id_is_an_error(broker, qname):
@@ -1867,6 +1885,23 @@ def test_more_than_1000_headers_is_an_error(broker, qname):
     c = broker.client()
     headers = [("destination", f"/queue/{qname}")] + [(f"h{i}", "v") for i in range(1100)]
     _assert_rejected(broker, c, qname, encode_frame("SEND", headers, "x"))
+
+
+def test_exactly_1000_headers_are_accepted(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    headers = [("destination", f"/queue/{qname}")] + [(f"h{i}", "v") for i in range(999)]
+    c.send_frame("SEND", headers)                        # no body, no content-length: 1000 headers
+    m = c.message()
+    assert m["h998"] == "v"
+
+
+def test_a_header_line_of_64_kib_is_accepted(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    value = "y" * (64 * 1024 - len("x-long:"))
+    c.send(f"/queue/{qname}", "x", headers={"x-long": value})
+    assert c.message()["x-long"] == value
 
 
 def test_a_header_line_over_64_kib_is_an_error(broker, qname):
