@@ -448,24 +448,78 @@ class Client:
         self.timers = []
 
 
-class Subscription:
-    """A client's subscription to a queue or a topic (exact name or, with `prefix`, a prefix)."""
-    __slots__ = ("client", "id", "destination", "name", "is_queue", "prefix", "ack_mode",
-                 "prefetch", "unacked")
+QUEUE, TOPIC, PREFIX = "queue", "topic", "prefix"   # Subscription.kind
 
-    def __init__(self, client, sub_id, destination, name, is_queue, prefix, ack_mode, prefetch):
+
+class Subscription:
+    """A client's subscription. `target` is the Queue for a queue subscription, else the topic
+    name or prefix. `next`/`prev` link it into a ring (see ring_add): its topic's subscribers,
+    or its queue's subscriptions that have room for another message. Small on purpose: a broker
+    may hold millions of these."""
+    __slots__ = ("client", "id", "kind", "target", "ack_mode", "prefetch", "unacked",
+                 "next", "prev")
+
+    def __init__(self, client, sub_id, kind, target, ack_mode, prefetch):
         self.client = client
         self.id = sub_id
-        self.destination = destination
-        self.name = name
-        self.is_queue = is_queue
-        self.prefix = prefix
+        self.kind = kind
+        self.target = target
         self.ack_mode = ack_mode
         self.prefetch = prefetch
-        self.unacked = {}         # message-id -> Message delivered and not ACKed, in order
+        self.unacked = None       # message-id -> Message delivered and not ACKed, in order
+        self.next = self.prev = None
+
+    def destination(self):
+        if self.kind == QUEUE:
+            return "/queue/" + self.target.name
+        return "/topic/" + self.target + ("*" if self.kind == PREFIX else "")
 
     def has_room(self):
-        return len(self.unacked) < self.prefetch and not self.client.paused
+        client = self.client
+        return (not self.unacked or len(self.unacked) < self.prefetch) \
+            and not client.paused and not client.closing
+
+
+def ring_add(head, sub):
+    """Add `sub` at the end of the ring that starts at `head`; returns the ring's head.
+    A ring is a circular doubly linked list through the subscriptions themselves: adding,
+    removing and rotating cost O(1), and an empty ring costs nothing."""
+    if sub.next is not None:
+        return head
+    if head is None:
+        sub.next = sub.prev = sub
+        return sub
+    tail = head.prev
+    sub.prev, sub.next = tail, head
+    tail.next = head.prev = sub
+    return head
+
+
+def ring_remove(head, sub):
+    """Take `sub` out of the ring that starts at `head`; returns the ring's head (or None)."""
+    after = sub.next
+    if after is None:
+        return head
+    if after is sub:
+        head = None
+    else:
+        sub.prev.next = after
+        after.prev = sub.prev
+        if head is sub:
+            head = after
+    sub.next = sub.prev = None
+    return head
+
+
+def ring_members(head):
+    members = []
+    sub = head
+    while sub is not None:
+        members.append(sub)
+        sub = sub.next
+        if sub is head:
+            break
+    return members
 
 
 class Queue:
@@ -478,14 +532,15 @@ class Queue:
     __slots__ = ("name", "subscribers", "ready", "heap", "backlog_on_disk", "cursor")
 
     WINDOW = 2000                 # messages held in memory before new ones are left on disk
+    START = (-2 ** 63, 0)         # a key before every message
 
     def __init__(self, name):
         self.name = name
         self.subscribers = 0
-        self.ready = {}           # subscriptions with room, in round-robin order (dict as list)
-        self.heap = []
+        self.ready = None         # ring of subscriptions with room; the head is served next
+        self.heap = None          # made when the first message arrives
         self.backlog_on_disk = True
-        self.cursor = (-2 ** 63, 0)
+        self.cursor = Queue.START
 
 
 def parse_int(value, what, low=-2 ** 63 + 1, high=2 ** 63 - 1):
@@ -515,8 +570,8 @@ class Broker:
         self.maxmsgs = maxmsgs
         self.max_frame_size = max_frame_size
         self.queues = {}            # name -> Queue, for queues with subscribers
-        self.topics = {}            # name -> {Subscription: None}
-        self.prefixes = {}          # prefix -> {Subscription: None}
+        self.topics = {}            # name -> ring of its subscriptions
+        self.prefixes = {}          # prefix -> ring of its subscriptions
         self.prefix_lengths = {}    # length -> how many prefixes of that length are subscribed
         self.next_id = max(store.backend.max_id(), time.time_ns() // 1000) + 1
         self.sessions = 0
@@ -570,13 +625,13 @@ class Broker:
         if not client.outbox and client.auto_acked:
             acked, client.auto_acked = client.auto_acked, []
             for sub, msg_id in acked:
-                msg = sub.unacked.pop(msg_id, None)
+                msg = sub.unacked and sub.unacked.pop(msg_id, None)
                 if msg is not None:
                     self.store.ack(msg)
                     touched.add(sub)
         if client.paused and len(client.outbox) < self.HIGH_WATER:
             client.paused = False
-            touched.update(s for s in client.subscriptions.values() if s.is_queue)
+            touched.update(s for s in client.subscriptions.values() if s.kind == QUEUE)
         for sub in touched:
             self.make_ready(sub)
 
@@ -766,8 +821,7 @@ class Broker:
             queue = self.queues.get(target)
             answer = {"num-subscribers": str(queue.subscribers if queue else 0)}
         elif what == "count-subscribers" and kind == "topic":
-            answer = {"num-subscribers": str(sum(len(subs) for subs in self.topic_subscribers(
-                target)))}
+            answer = {"num-subscribers": str(len(self.topic_subscribers(target)))}
         else:
             raise ClientError(f"unknown control destination /control/{name[:100]}")
         self.receipt(client, frame, **answer)
@@ -788,24 +842,25 @@ class Broker:
             raise ClientError(f"invalid ack mode {ack_mode[:40]!r}")
         prefetch = parse_int(h.get("prefetch", "0"), "prefetch")
         prefetch = self.max_prefetch if prefetch <= 0 else min(prefetch, self.max_prefetch)
-        prefix = kind == "topic" and name.endswith("*")
-        if prefix:
-            name = name[:-1]
-        sub = Subscription(client, sub_id, destination, name, kind == "queue", prefix,
-                           ack_mode, prefetch)
-        client.subscriptions[sub_id] = sub
-        if sub.is_queue:
+        if kind == "queue":
             queue = self.queues.get(name)
             if queue is None:
                 queue = self.queues[name] = Queue(name)
             queue.subscribers += 1
+            sub = Subscription(client, sub_id, QUEUE, queue, ack_mode, prefetch)
+            client.subscriptions[sub_id] = sub
             self.make_ready(sub)
-        elif prefix:
-            self.prefixes.setdefault(name, {})[sub] = None
-            if len(self.prefixes[name]) == 1:
+        elif name.endswith("*"):
+            name = name[:-1]
+            sub = client.subscriptions[sub_id] = Subscription(client, sub_id, PREFIX, name,
+                                                              ack_mode, prefetch)
+            if name not in self.prefixes:
                 self.prefix_lengths[len(name)] = self.prefix_lengths.get(len(name), 0) + 1
+            self.prefixes[name] = ring_add(self.prefixes.get(name), sub)
         else:
-            self.topics.setdefault(name, {})[sub] = None
+            sub = client.subscriptions[sub_id] = Subscription(client, sub_id, TOPIC, name,
+                                                              ack_mode, prefetch)
+            self.topics[name] = ring_add(self.topics.get(name), sub)
         self.receipt(client, frame)
 
     def cmd_unsubscribe(self, client, frame):
@@ -813,7 +868,7 @@ class Broker:
         sub = client.subscriptions.get(h.get("id"))
         if sub is None and client.version == "1.0" and "destination" in h:
             sub = next((s for s in client.subscriptions.values()
-                        if s.destination == h["destination"]), None)
+                        if s.destination() == h["destination"]), None)
         if sub is None:
             raise ClientError("UNSUBSCRIBE of an unknown subscription")
         self.unsubscribe(sub)
@@ -915,25 +970,20 @@ class Broker:
     # ---- topics --------------------------------------------------------------------------------
 
     def topic_subscribers(self, name):
-        """The subscriber dicts that match topic `name`: exact, then each subscribed prefix."""
-        found = []
-        exact = self.topics.get(name)
-        if exact:
-            found.append(exact)
+        """The subscriptions that receive topic `name`: its own, then each matching prefix's.
+        One dict lookup per distinct subscribed prefix length, however many prefixes exist."""
+        found = ring_members(self.topics.get(name))
         for length in self.prefix_lengths:
             if length <= len(name):
-                subs = self.prefixes.get(name[:length])
-                if subs:
-                    found.append(subs)
+                found += ring_members(self.prefixes.get(name[:length]))
         return found
 
     def publish(self, msg, name):
         """Deliver a topic message to every matching subscription, once each. Not stored."""
         destination = "/topic/" + name
-        for subs in self.topic_subscribers(name):
-            for sub in list(subs):
-                if not sub.client.closing:
-                    self.send_message(sub, msg, destination)
+        for sub in self.topic_subscribers(name):
+            if not sub.client.closing:
+                self.send_message(sub, msg, destination)
 
     # ---- queues --------------------------------------------------------------------------------
 
@@ -941,18 +991,22 @@ class Broker:
         """A new or returned message for an active queue: into its window, unless the window is
         full or the message sorts after messages still on disk; then the store has it for later."""
         key = (msg.rank, msg.id)
-        if not queue.backlog_on_disk and len(queue.heap) >= Queue.WINDOW:
+        heap = queue.heap
+        if heap is None:
+            heap = queue.heap = []
+        elif not queue.backlog_on_disk and len(heap) >= Queue.WINDOW:
             queue.backlog_on_disk = True
         if queue.backlog_on_disk:
             if key > queue.cursor:
                 return
         elif key > queue.cursor:
             queue.cursor = key
-        heapq.heappush(queue.heap, (msg.rank, msg.id, msg))
+        heapq.heappush(heap, (msg.rank, msg.id, msg))
 
     def next_message(self, queue):
         """Pop the queue's next message, reading the next batch from the store when needed."""
-        if not queue.heap and queue.backlog_on_disk:
+        heap = queue.heap
+        if not heap and queue.backlog_on_disk:
             if not self.store.healthy:
                 return None
             try:
@@ -960,43 +1014,41 @@ class Broker:
             except self.store.StorageError as e:
                 log.error("storage failed reading queue %s: %s", queue.name, e)
                 return None
-            for msg in msgs:
-                heapq.heappush(queue.heap, (msg.rank, msg.id, msg))
             if msgs:
-                queue.cursor = (msgs[-1].rank, msgs[-1].id)
+                heap = queue.heap = [(msg.rank, msg.id, msg) for msg in msgs]  # sorted: a heap
+                queue.cursor = heap[-1][:2]
             if len(msgs) < self.FETCH_BATCH:
                 queue.backlog_on_disk = False
-        return heapq.heappop(queue.heap)[2] if queue.heap else None
+        return heapq.heappop(heap)[2] if heap else None
 
     def dispatch(self, queue):
         """Hand the queue's messages to its ready subscriptions, round-robin."""
-        ready = queue.ready
-        while ready:
-            sub = next(iter(ready))
-            if not sub.has_room():
-                del ready[sub]
-                continue
-            msg = self.next_message(queue)
-            if msg is None:
-                return
-            del ready[sub]
-            self.deliver(sub, msg)
+        while queue.ready is not None:
+            sub = queue.ready
             if sub.has_room():
-                ready[sub] = None
+                msg = self.next_message(queue)
+                if msg is None:
+                    return
+                self.deliver(sub, msg)
+            if sub.has_room():
+                queue.ready = sub.next
+            else:
+                queue.ready = ring_remove(queue.ready, sub)
 
     def make_ready(self, sub, dispatch=True):
         """The subscription may have room again: put it in its queue's rotation."""
-        if sub.is_queue and sub.has_room() and not sub.client.closing:
-            queue = self.queues.get(sub.name)
-            if queue is not None:
-                queue.ready.setdefault(sub, None)
-                if dispatch:
-                    self.dispatch(queue)
+        if sub.kind == QUEUE and sub.has_room():
+            queue = sub.target
+            queue.ready = ring_add(queue.ready, sub)
+            if dispatch:
+                self.dispatch(queue)
 
     def deliver(self, sub, msg):
         """Write a queue message to a subscriber and remember it until it is ACKed."""
         client = sub.client
         msg_id = str(msg.id)
+        if sub.unacked is None:
+            sub.unacked = {}
         sub.unacked[msg_id] = msg
         if sub.ack_mode == "auto":
             client.auto_acked.append((sub, msg_id))
@@ -1032,50 +1084,47 @@ class Broker:
     def requeue(self, sub, msg):
         """Put a delivered message back in its queue, marked redelivered; returns the queue."""
         msg.redelivered = True
-        queue = self.queues.get(sub.name)
-        if queue is not None:
+        queue = sub.target
+        if queue.subscribers:
             self.offer(queue, msg)
         return queue
 
     def ack_timeout_passed(self, sub, msg_id, msg):
         """Take the message back and give it to another ready subscriber if there is one."""
-        if sub.unacked.get(msg_id) is not msg:
+        if sub.unacked is None or sub.unacked.get(msg_id) is not msg:
             return
         log.debug("%s: ack-timeout of message %s", sub.client.session, msg_id)
         del sub.unacked[msg_id]
         sub.client.deliveries.pop(msg_id, None)
         queue = self.requeue(sub, msg)
-        if queue is not None:
-            queue.ready.pop(sub, None)
-            self.dispatch(queue)
-            self.make_ready(sub)
+        queue.ready = ring_remove(queue.ready, sub)
+        self.dispatch(queue)
+        self.make_ready(sub)
 
     def unsubscribe(self, sub):
         """Remove a subscription; its unacked queue messages go back to the queue at once."""
         client = sub.client
         del client.subscriptions[sub.id]
-        if not sub.is_queue:
-            index = self.prefixes if sub.prefix else self.topics
-            subs = index[sub.name]
-            del subs[sub]
-            if not subs:
-                del index[sub.name]
-                if sub.prefix:
-                    n = self.prefix_lengths[len(sub.name)] - 1
-                    if n:
-                        self.prefix_lengths[len(sub.name)] = n
-                    else:
-                        del self.prefix_lengths[len(sub.name)]
+        if sub.kind != QUEUE:
+            index = self.prefixes if sub.kind == PREFIX else self.topics
+            head = index[sub.target] = ring_remove(index[sub.target], sub)
+            if head is None:
+                del index[sub.target]
+                if sub.kind == PREFIX:
+                    length = len(sub.target)
+                    self.prefix_lengths[length] -= 1
+                    if not self.prefix_lengths[length]:
+                        del self.prefix_lengths[length]
             return
-        queue = self.queues[sub.name]
-        queue.ready.pop(sub, None)
+        queue = sub.target
+        queue.ready = ring_remove(queue.ready, sub)
         queue.subscribers -= 1
-        for msg_id, msg in sub.unacked.items():
+        unacked, sub.unacked = sub.unacked or {}, None
+        for msg_id, msg in unacked.items():
             client.deliveries.pop(msg_id, None)
             self.requeue(sub, msg)
-        sub.unacked = {}
         if queue.subscribers == 0:
-            del self.queues[sub.name]
+            del self.queues[queue.name]
         else:
             self.dispatch(queue)
 
