@@ -1,0 +1,402 @@
+"""Robustness of ocamlmq.py against hostile and failing clients and processes (SPEC §3, §7, §9).
+
+Every test starts the real broker (conftest.py) and talks to it over sockets:
+
+- bad input: every limit and every kind of malformed frame gets an ERROR with a `message` header
+  and a close of that connection only; one log line, no traceback; other connections and stored
+  messages are untouched;
+- fuzzing of the broker over real sockets (the codec's in-process fuzzing is in test_fuzz.py);
+- slow consumers: memory stays bounded while a queue or topic subscriber never reads;
+- crashes: kill -9 / SIGTERM at random moments, then no receipted (SIGTERM: no received) message
+  is lost;
+- many connections, and slowloris connections closed on their deadlines.
+
+Long variants carry the `slow` marker and are skipped unless selected: `python3 -m pytest -m slow
+test_hostile.py test_fuzz.py` (or OCAMLMQ_SLOW=1).
+"""
+
+import os
+import random
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import Broker, Closed, Client, HOST, encode_frame
+
+MiB = 1024 * 1024
+
+
+def slow_selected(config):
+    return "slow" in (config.getoption("markexpr", "") or "") or os.environ.get("OCAMLMQ_SLOW") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _skip_slow_unless_selected(request):
+    """conftest registers `slow` for tests that always run; here `slow` means long, run apart."""
+    if request.node.get_closest_marker("slow") and not slow_selected(request.config):
+        pytest.skip("long test: run with -m slow (or OCAMLMQ_SLOW=1)")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def rss_kib(pid):
+    """VmRSS of a process in KiB (from /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class RssSampler:
+    """Samples a process's VmRSS in a thread; `peak` is the largest value seen (KiB)."""
+
+    def __init__(self, pid, interval=0.02):
+        self.pid = pid
+        self.interval = interval
+        self.peak = self.start = rss_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, rss_kib(self.pid))
+            except (OSError, AssertionError):
+                return
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+def error_lines(broker):
+    """The broker's log lines for client mistakes (Broker.fail logs one per ERROR)."""
+    return [l for l in broker.stderr().splitlines() if ": ERROR " in l]
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def report(name, **figures):
+    """Figures for the run's report: printed (pytest -s / -rA) and kept on the test's item."""
+    line = " ".join(f"{k}={v}" for k, v in figures.items())
+    print(f"\n[figures] {name}: {line}")
+    FIGURES.append((name, figures))
+
+
+FIGURES = []
+
+
+def send_frames_ignoring_close(c, data):
+    """Write hostile bytes; the broker may close before it has read them all."""
+    try:
+        c.send_raw(data)
+    except OSError:
+        pass
+
+
+# ============================================================================================
+# §9 Bad input: each kind gets ERROR + close of that connection only
+# ============================================================================================
+
+STORED_QUEUE = "hostile-stored"
+STORED = [b"stored-1", b"stored-2\x00with nul", b"stored-3"]
+
+
+def _sf(q, headers=(), body=b"x", **kw):
+    """A SEND to /queue/q (which the checks expect to stay empty), with extra headers."""
+    return encode_frame("SEND", [("destination", f"/queue/{q}"), *headers], body, **kw)
+
+
+# (id, version to CONNECT with or None for no CONNECT, hostile bytes with {q} the queue name)
+BAD_INPUT = [
+    # no command line / garbage
+    ("garbage-before-connect", None, lambda q: b"\x01\x02\xffgarbage\n\n\x00"),
+    ("garbage-after-connect", "1.2", lambda q: b"\x13\x37 hello \xfe world\r\n\r\n\x00"),
+    ("headers-without-command", "1.2", lambda q: f"destination:/queue/{q}\nreceipt:r\n\nx\x00".encode()),
+    ("blank-command", "1.2", lambda q: f" \ndestination:/queue/{q}\n\nx\x00".encode()),
+    ("colon-command", "1.2", lambda q: b":\n\n\x00"),
+    ("nul-command", "1.2", lambda q: b"\x00\n\n\x00"),
+    ("nul-only-junk", "1.2", lambda q: b"\x00"),
+    ("nul-only-junk-after-a-frame", "1.2", lambda q: encode_frame("SEND", [("destination", "/topic/t")], b"x") + b"\x00\x00"),
+    ("nul-only-junk-64k", "1.2", lambda q: b"\x00" * (64 * 1024 + 10)),
+    ("nul-only-junk-before-connect", None, lambda q: b"\x00" * (64 * 1024 + 10)),
+    ("very-long-command-line", "1.2", lambda q: b"SEND" + b"X" * 70000 + b"\n\n\x00"),
+    ("very-long-command-no-eol", "1.2", lambda q: b"SEND" + b"X" * 300000),
+    ("very-long-command-before-connect", None, lambda q: b"CONNECT" + b"X" * 300000),
+    # header lines
+    ("header-without-colon", "1.2", lambda q: f"SEND\ndestination:/queue/{q}\nno colon\n\nx\x00".encode()),
+    ("header-without-colon-1.0", "1.0", lambda q: f"SEND\ndestination:/queue/{q}\nno colon\n\nx\x00".encode()),
+    ("header-without-colon-in-connect", None, lambda q: b"CONNECT\naccept-version:1.2\nhost\n\n\x00"),
+    ("invalid-utf8-value", "1.2", lambda q: _sf(q, [("x-bad", b"\xff\xfe\xc3")])),
+    ("invalid-utf8-name", "1.1", lambda q: _sf(q, [(b"x-\xc3\x28", "v")])),
+    ("invalid-utf8-command", "1.2", lambda q: b"SE\xedND\ndestination:/queue/" + q.encode() + b"\n\nx\x00"),
+    ("invalid-utf8-overlong", "1.0", lambda q: _sf(q, [("x-bad", b"\xc0\xaf")])),
+    ("invalid-utf8-surrogate", "1.2", lambda q: _sf(q, [("x-bad", b"\xed\xa0\x80")])),
+    ("invalid-utf8-in-connect", None, lambda q: b"CONNECT\naccept-version:1.2\nhost:\xff\n\n\x00"),
+    ("undefined-escape-1.1-t", "1.1", lambda q: _sf(q, [("x-esc", "a\\tb")])),
+    ("undefined-escape-1.1-r", "1.1", lambda q: _sf(q, [("x-esc", "a\\rb")])),
+    ("undefined-escape-1.2-t", "1.2", lambda q: _sf(q, [("x-esc", "a\\tb")])),
+    ("undefined-escape-trailing-backslash", "1.2", lambda q: _sf(q, [("x-esc", "ab\\")])),
+    ("undefined-escape-in-name", "1.2", lambda q: _sf(q, [("x\\q", "v")])),
+    ("undefined-escape-in-destination", "1.1", lambda q: encode_frame("SEND", [("destination", f"/queue/{q}\\x")], b"x")),
+    # content-length
+    ("content-length-non-digit", "1.2", lambda q: _sf(q, content_length="abc")),
+    ("content-length-plus", "1.2", lambda q: _sf(q, content_length="+1")),
+    ("content-length-float", "1.2", lambda q: _sf(q, content_length="1.0")),
+    ("content-length-blank-1.2", "1.2", lambda q: _sf(q, content_length=" 1")),
+    ("content-length-unicode-digit", "1.2", lambda q: _sf(q, content_length="\u0661")),
+    ("content-length-negative", "1.2", lambda q: _sf(q, content_length="-1")),
+    ("content-length-huge", "1.2", lambda q: _sf(q, content_length="9" * 30)),
+    ("content-length-over-max-frame", "1.2", lambda q: _sf(q, content_length=str(16 * MiB + 1))),
+    ("body-not-nul-terminated", "1.2", lambda q: f"SEND\ndestination:/queue/{q}\ncontent-length:2\n\nabcdef\x00".encode()),
+    ("content-length-zero-with-a-body", "1.2", lambda q: f"SEND\ndestination:/queue/{q}\ncontent-length:0\n\nabc\x00".encode()),
+    # commands
+    ("unknown-command", "1.2", lambda q: encode_frame("FROB", [("destination", f"/queue/{q}")], b"x")),
+    ("lowercase-command", "1.1", lambda q: encode_frame("send", [("destination", f"/queue/{q}")], b"x")),
+    ("server-command-message", "1.2", lambda q: encode_frame("MESSAGE", [("destination", f"/queue/{q}")], b"x")),
+    ("server-command-connected", "1.0", lambda q: encode_frame("CONNECTED", [("version", "1.0")])),
+    # header values
+    ("priority-word", "1.2", lambda q: _sf(q, [("priority", "high")])),
+    ("priority-float", "1.2", lambda q: _sf(q, [("priority", "1.5")])),
+    ("priority-overflow", "1.2", lambda q: _sf(q, [("priority", "9" * 40)])),
+    ("priority-empty", "1.2", lambda q: _sf(q, [("priority", "")])),
+    ("priority-unicode-digits", "1.2", lambda q: _sf(q, [("priority", "\u0663")])),
+    ("ack-timeout-word", "1.2", lambda q: _sf(q, [("ack-timeout", "soon")])),
+    ("ack-timeout-negative", "1.2", lambda q: _sf(q, [("ack-timeout", "-1")])),
+    ("ack-timeout-nan", "1.2", lambda q: _sf(q, [("ack-timeout", "nan")])),
+    ("ack-timeout-inf", "1.2", lambda q: _sf(q, [("ack-timeout", "inf")])),
+    ("ack-timeout-overflow", "1.2", lambda q: _sf(q, [("ack-timeout", "1e400")])),
+    ("prefetch-word", "1.2", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s"), ("prefetch", "many")])),
+    ("prefetch-float", "1.2", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s"), ("prefetch", "2.5")])),
+    ("prefetch-overflow", "1.2", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s"), ("prefetch", "9" * 40)])),
+    ("heart-beat-words", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "a,b")])),
+    ("heart-beat-one-value", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "100")])),
+    ("heart-beat-three-values", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.1"), ("heart-beat", "1,2,3")])),
+    ("heart-beat-negative", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "-1,0")])),
+    ("heart-beat-empty", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "")])),
+    # connection life
+    ("send-before-connect", None, lambda q: _sf(q, [("receipt", "r")])),
+    ("subscribe-before-connect", None, lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s")])),
+    ("disconnect-before-connect", None, lambda q: encode_frame("DISCONNECT", [("receipt", "r")])),
+    ("second-connect", "1.2", lambda q: encode_frame("CONNECT", [("accept-version", "1.2")])),
+    ("second-stomp", "1.0", lambda q: encode_frame("STOMP", [("accept-version", "1.2")])),
+    ("connect-then-send-in-one-write", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2")])
+     + _sf(q, [("x-esc", "\\t")])),
+    # destinations
+    ("subscribe-control", "1.2", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/control/count-msgs/queue/{q}"), ("id", "s")])),
+    ("send-to-star-queue", "1.2", lambda q: _sf(q + "*")),
+    ("send-to-star-topic", "1.2", lambda q: encode_frame("SEND", [("destination", f"/topic/{q}*")], b"x")),
+    ("send-to-bare-star", "1.1", lambda q: encode_frame("SEND", [("destination", "/queue/*")], b"x")),
+    # limits (default flags)
+    ("1001-headers", "1.2", lambda q: encode_frame("SEND", [("destination", f"/queue/{q}")] + [(f"h{i}", "v") for i in range(1000)])),
+    ("100000-empty-header-lines", "1.2", lambda q: b"SEND\ndestination:/queue/" + q.encode() + b"\n" + b":\n" * 100000 + b"\n\x00"),
+    ("header-line-64KiB-plus-1", "1.2", lambda q: _sf(q, [("x-long", "y" * (64 * 1024 - len("x-long:") + 1))])),
+    ("header-line-64KiB-plus-1-crlf", "1.2", lambda q: _sf(q, [("x-long", "y" * (64 * 1024 - len("x-long:") + 1))], eol=b"\r\n")),
+    ("header-line-over-64KiB-multibyte", "1.2", lambda q: _sf(q, [("x-long", "\u00e9" * 40000)])),
+    ("header-line-over-64KiB-no-eol", "1.2", lambda q: b"SEND\ndestination:/queue/" + q.encode() + b"\nx:" + b"y" * 200000),
+    ("frame-over-16MiB-default", "1.2", lambda q: _sf(q, body=b"z" * (16 * MiB + 1))),
+    ("frame-over-16MiB-default-no-content-length", "1.2", lambda q: _sf(q, body=b"z" * (16 * MiB + 1), content_length=False)),
+]
+
+
+@pytest.fixture
+def stored_broker(broker):
+    """The broker with messages stored in STORED_QUEUE (to check they are untouched)."""
+    c = broker.client()
+    for body in STORED:
+        c.send(f"/queue/{STORED_QUEUE}", body)
+    c.disconnect()
+    return broker
+
+
+def error_then_close(frames, connecting=False):
+    """The frames read until the close are one ERROR with a message header (after a CONNECTED if
+    the hostile bytes began with a good CONNECT); returns the ERROR."""
+    commands = [f.command for f in frames]
+    if connecting and commands[:1] == ["CONNECTED"]:
+        commands, frames = commands[1:], frames[1:]
+    assert commands == ["ERROR"], f"expected ERROR then close, got {frames!r}"
+    assert frames[0].get("message"), f"ERROR without a message header: {frames[0]!r}"
+    return frames[0]
+
+
+def assert_rejected(broker, qname, version, data, expect_receipt_id=None):
+    """Send `data` on a fresh connection (CONNECTed with `version`, or raw if None): it gets an
+    ERROR with a message header and is closed, one log line, nothing stored in /queue/qname,
+    the stored messages and another connection untouched."""
+    other = broker.client("1.1")
+    other.subscribe(f"/queue/{qname}-other", ack="client-individual")
+    errors_before = len(error_lines(broker))
+    stored_before = other.count_msgs(STORED_QUEUE)
+
+    c = broker.raw_client(timeout=10)
+    if version is not None:
+        c.connect(version)
+    send_frames_ignoring_close(c, data)
+    err = error_then_close(c.expect_closed(timeout=15), connecting=version is None)
+    if expect_receipt_id is not None:
+        assert err.get("receipt-id") == expect_receipt_id, err
+
+    # Other connections and stored messages are untouched.
+    other.send(f"/queue/{qname}-other", b"still here", receipt=True)
+    m = other.message()
+    assert m.body == b"still here"
+    other.ack(m)
+    assert other.count_msgs(qname) == 0, "the rejected frame stored a message"
+    assert other.count_msgs(STORED_QUEUE) == stored_before == len(STORED)
+    assert other.count_subscribers(f"/queue/{qname}-other") == 1
+
+    # One info line for the client's mistake, and no traceback.
+    text = broker.stderr()
+    assert "Traceback" not in text, text[-3000:]
+    new = error_lines(broker)[errors_before:]
+    assert len(new) == 1, f"expected one log line for the mistake, got {new!r}"
+    return err
+
+
+@pytest.mark.parametrize("kind,version,make", BAD_INPUT, ids=[k for k, _, _ in BAD_INPUT])
+def test_bad_input_gets_error_and_close_of_that_connection_only(stored_broker, qname, kind, version, make):
+    assert_rejected(stored_broker, qname, version, make(qname))
+
+
+@pytest.mark.parametrize("kind,frame", [
+    ("priority", lambda q: _sf(q, [("priority", "x"), ("receipt", "bad-r")])),
+    ("ack-timeout", lambda q: _sf(q, [("ack-timeout", "x"), ("receipt", "bad-r")])),
+    ("prefetch", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s"),
+                                                      ("prefetch", "x"), ("receipt", "bad-r")])),
+    ("control", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/control/count-msgs/queue/{q}"),
+                                                     ("id", "s"), ("receipt", "bad-r")])),
+    ("star", lambda q: _sf(q + "*", [("receipt", "bad-r")])),
+    ("second-connect", lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("receipt", "bad-r")])),
+])
+def test_error_for_a_bad_frame_with_a_receipt_carries_its_receipt_id(stored_broker, qname, kind, frame):
+    assert_rejected(stored_broker, qname, "1.2", frame(qname), expect_receipt_id="bad-r")
+
+
+def test_bad_frame_after_good_ones_in_one_write_keeps_the_good_ones(stored_broker, qname):
+    """Frames before the bad one in the same packet take effect; the bad one and what follows
+    it do not."""
+    c = stored_broker.client()
+    good = b"".join(_sf(qname, [("receipt", f"g{i}")], body=b"good %d" % i) for i in range(3))
+    bad = _sf(qname, [("priority", "nope")])
+    after = _sf(qname, body=b"after")
+    c.send_raw(good + bad + after)
+    frames = c.expect_closed(timeout=10)
+    assert [f.command for f in frames] == ["RECEIPT"] * 3 + ["ERROR"], frames
+    other = stored_broker.client()
+    assert other.count_msgs(qname) == 3
+    other.subscribe(f"/queue/{qname}")
+    assert sorted(m.body for m in other.messages(3)) == [b"good 0", b"good 1", b"good 2"]
+    other.expect_nothing(0.3)
+
+
+def test_many_hostile_connections_at_once_leave_the_others_alone(stored_broker, qname):
+    """Every kind of bad input, each on its own connection, all written before any is read."""
+    honest = stored_broker.client()
+    honest.subscribe(f"/queue/{qname}-honest", ack="client")
+    hostile = []
+    for kind, version, make in BAD_INPUT:
+        if "16MiB" in kind:
+            continue
+        c = stored_broker.raw_client(timeout=10)
+        if version is not None:
+            c.connect(version)
+        hostile.append((kind, version, c))
+        c.data = make(qname)
+    for kind, version, c in hostile:
+        send_frames_ignoring_close(c, c.data)
+    honest.send(f"/queue/{qname}-honest", b"during")
+    for kind, version, c in hostile:
+        try:
+            error_then_close(c.expect_closed(timeout=15), connecting=version is None)
+        except AssertionError as e:
+            raise AssertionError(f"{kind}: {e}") from None
+    m = honest.message()
+    assert m.body == b"during"
+    honest.ack(m)
+    assert honest.count_msgs(qname) == 0
+    assert honest.count_msgs(STORED_QUEUE) == len(STORED)
+    assert len(error_lines(stored_broker)) == len(hostile)
+
+
+# --- each limit with its flag -----------------------------------------------------------------
+
+def test_max_frame_size_flag_sets_the_limit_at_its_value(start_broker, qname):
+    limit = 100_000
+    b = start_broker("-max-frame-size", str(limit))
+    c = b.client()
+    c.subscribe(f"/queue/{qname}")
+    headers = [("destination", f"/queue/{qname}"), ("receipt", "r-1")]
+
+    def body_len_for(total):                      # headers + body (not the NUL) == total
+        n = total
+        for _ in range(5):
+            n = total - (len(encode_frame("SEND", headers, b"", content_length=str(n))) - 1)
+        assert len(encode_frame("SEND", headers, b"f" * n)) - 1 == total
+        return n
+
+    fits = b"f" * body_len_for(limit)
+    c.send(f"/queue/{qname}", fits, receipt="r-1")
+    assert c.message().body == fits
+    for body_len, cl in ((body_len_for(limit + 1), True), (limit, True), (limit + 1, False)):
+        d = b.client()
+        data = encode_frame("SEND", headers,
+                            b"o" * body_len, content_length=cl)
+        send_frames_ignoring_close(d, data)
+        err = d.expect_error(timeout=10)
+        assert err.get("message"), err
+    assert c.count_msgs(qname) == 0
+    c.send(f"/queue/{qname}", b"small")
+    assert c.message().body == b"small"
+
+
+def test_a_large_max_frame_size_accepts_a_frame_over_the_default(start_broker, qname):
+    b = start_broker("-max-frame-size", str(40 * MiB))
+    c = b.client()
+    c.subscribe(f"/queue/{qname}")
+    body = os.urandom(1024) * (20 * 1024)         # 20 MiB, over the 16 MiB default
+    c.send(f"/queue/{qname}", body)
+    assert c.message(timeout=30).body == body
+
+
+def test_a_frame_over_max_frame_size_is_rejected_before_it_is_all_read(start_broker, qname):
+    """The broker does not buffer a declared-too-big body: ERROR comes while the client still
+    has most of it to send."""
+    b = start_broker("-max-frame-size", str(64 * 1024))
+    c = b.client()
+    c.send_raw(encode_frame("SEND", [("destination", f"/queue/{qname}")], b"",
+                            content_length=str(50 * MiB))[:-1])
+    err = c.expect_error(timeout=10)
+    assert err.get("message")
+
+
+def test_header_count_and_line_limits_hold_with_a_large_max_frame_size(start_broker, qname):
+    """The header limits are independent of -max-frame-size: with a large frame limit, 1001
+    headers and a 64 KiB + 1 line are still errors."""
+    b = start_broker("-max-frame-size", str(64 * MiB))
+    for data in (encode_frame("SEND", [("destination", f"/queue/{qname}")]
+                              + [(f"h{i}", "v") for i in range(1000)]),
+                 _sf(qname, [("x", "y" * (64 * 1024))])):
+        c = b.client()
+        send_frames_ignoring_close(c, data)
+        assert c.expect_error(timeout=10).get("message")
+    assert b.client().count_msgs(qname) == 0
