@@ -62,7 +62,8 @@ def run_cli(args, timeout=15.0, cwd=HERE):
 class Broker:
     """One broker process bound to one port and one database; restartable on both."""
 
-    def __init__(self, tmp_path, backend="sqlite", flags=(), name="broker", port=None):
+    def __init__(self, tmp_path, backend="sqlite", flags=(), name="broker", port=None,
+                 soft_nofile=None):
         self.tmp_path = tmp_path
         self.backend = backend
         self.flags = list(flags)
@@ -73,6 +74,7 @@ class Broker:
             addr = self.flags[self.flags.index("-address") + 1]
             self.host = HOST if addr in ("0.0.0.0", "::") else addr
         self.db = str(tmp_path / f"{name}.db")
+        self.soft_nofile = soft_nofile     # start the broker with this soft RLIMIT_NOFILE
         self.proc = None
         self.runs = 0
         self.returncodes = []
@@ -98,7 +100,7 @@ class Broker:
         self.stderr_paths.append(err_path)
         with open(err_path, "wb") as err, open(self.tmp_path / f"{self.name}-run{self.runs}.stdout", "wb") as out:
             self.proc = subprocess.Popen(self.argv(), cwd=HERE, stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, preexec_fn=self._preexec)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -114,6 +116,12 @@ class Broker:
                 raise AssertionError(f"broker did not accept connections within "
                                      f"{START_TIMEOUT}s:\n{self.stderr()}")
             time.sleep(0.05)
+
+    def _preexec(self):
+        if self.soft_nofile is not None:
+            import resource
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.soft_nofile, hard))
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -629,8 +637,9 @@ def start_broker(tmp_path, backend, request):
     brokers = []
     request.node._ocamlmq_brokers = brokers
 
-    def start(*flags, name=None, port=None):
-        b = Broker(tmp_path, backend, flags, name=name or f"broker{len(brokers) + 1}", port=port)
+    def start(*flags, name=None, port=None, soft_nofile=None):
+        b = Broker(tmp_path, backend, flags, name=name or f"broker{len(brokers) + 1}", port=port,
+                   soft_nofile=soft_nofile)
         brokers.append(b)
         return b.start()
 

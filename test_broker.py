@@ -1094,6 +1094,45 @@ def test_unreceipted_sends_reach_disk_when_more_than_maxmsgs_are_cached(start_br
     assert 6 <= n <= 10, n
 
 
+def test_a_receipted_cumulative_ack_is_durable(broker, qname):
+    c = broker.client()
+    for i in range(5):
+        c.send(f"/queue/{qname}", f"m{i}", receipt=False)
+    c.send(f"/queue/{qname}", "last")
+    c.subscribe(f"/queue/{qname}", ack="client")
+    got = c.messages(6)
+    c.ack(got[4])
+    broker.kill9()
+    broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}")
+    assert c.message().body == b"last"
+    c.expect_nothing()
+
+
+def test_every_receipt_sent_before_sigterm_is_kept(broker, qname):
+    c = broker.client()
+    n = 300
+    c.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": f"k{i}"},
+                                     f"m{i}") for i in range(n)))
+    receipted = {c.expect("RECEIPT")["receipt-id"] for _ in range(20)}
+    broker.proc.send_signal(signal.SIGTERM)
+    try:
+        while True:
+            receipted.add(c.expect("RECEIPT", timeout=3)["receipt-id"])
+    except AssertionError:
+        pass
+    assert broker.terminate() == 0
+    broker.close_clients()
+    broker.start()
+    c = broker.client()
+    stored = c.count_msgs(qname)
+    c.subscribe(f"/queue/{qname}")
+    bodies = {m.body.decode() for m in c.messages(stored)}
+    missing = {r for r in receipted if "m" + r[1:] not in bodies}
+    assert not missing, f"receipted but lost after SIGTERM: {sorted(missing)[:10]}"
+
+
 def test_acked_message_is_not_redelivered_after_kill_9(broker, qname):
     c = broker.client()
     c.send(f"/queue/{qname}", "one")
@@ -1965,3 +2004,27 @@ def test_a_connection_over_max_pending_gets_error_and_is_closed(start_broker, qn
     assert frames and frames[-1].command == "ERROR", [f.command for f in frames[-3:]]
     assert len(frames) - 1 < 400, "every message arrived: nothing was over the limit"
     p.send(f"/topic/{qname}", "producer unaffected")
+
+
+@pytest.mark.slow
+def test_the_broker_raises_its_open_file_limit_and_serves_many_connections(start_broker, qname):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = 3000
+    if soft < n + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 200), hard))
+    n = min(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200)
+    assert n > 1100, "the test process cannot open enough sockets to exceed 1024"
+    b = start_broker(soft_nofile=1024)          # the broker must raise this itself
+    clients = [b.raw_client() for _ in range(n)]
+    for c in clients:
+        c.send_frame("CONNECT", {"accept-version": "1.2", "host": "h"})
+        c.send_frame("SUBSCRIBE", {"destination": f"/topic/{qname}", "id": "s"})
+    for c in clients:
+        assert c.expect("CONNECTED").command == "CONNECTED"
+    probe = b.client()
+    probe.count_subscribers(f"/topic/{qname}")
+    assert wait_until(lambda: probe.count_subscribers(f"/topic/{qname}") == n, timeout=10)
+    probe.send(f"/topic/{qname}", "to everyone")
+    for c in clients:
+        assert c.message().body == b"to everyone"
