@@ -1247,7 +1247,7 @@ def test_prefetch_limits_unacked_messages(broker, qname):
     assert c.message().body == b"m1"
 
 
-@pytest.mark.parametrize("prefetch", [None, "10", "0", "-1"])
+@pytest.mark.parametrize("prefetch", [None, "10", "0", "-1", "99999999999999999999999"])
 def test_max_prefetch_caps_and_defaults_the_prefetch(start_broker, qname, prefetch):
     b = start_broker("-max-prefetch", "3")
     c = b.client()
@@ -1361,6 +1361,18 @@ def test_unsubscribe_returns_unacked_messages_to_the_queue_at_once(broker, qname
     assert m2["message-id"] == m1["message-id"]
     assert m2["redelivered"] == "true"
     a.expect_nothing()
+
+
+def test_no_message_for_a_subscription_after_its_unsubscribe_receipt(broker, qname):
+    c = broker.client()
+    c.subscribe(f"/topic/{qname}", id="gone")
+    p = broker.client()
+    p.send_raw(b"".join(encode_frame("SEND", {"destination": f"/topic/{qname}"}, f"t{i}")
+                        for i in range(300)))
+    c.message()                               # the flood has started
+    c.unsubscribe(id="gone")
+    c.backlog.clear()                         # what came before the RECEIPT is allowed
+    c.expect_nothing()
 
 
 def test_unsubscribed_subscription_gets_nothing_more(broker, qname):
@@ -1864,7 +1876,7 @@ def test_unknown_command_is_an_error(broker, qname, command):
     _assert_rejected(broker, c, qname, encode_frame(command, {"destination": f"/queue/{qname}"}, "x"))
 
 
-@pytest.mark.parametrize("cl", ["abc", "-1", "1.5", "", "0x3"])
+@pytest.mark.parametrize("cl", ["abc", "-1", "1.5", "", "0x3", "99999999999999999999999"])
 def test_bad_content_length_is_an_error(broker, qname, cl):
     c = broker.client()
     _assert_rejected(broker, c, qname, encode_frame("SEND", {"destination": f"/queue/{qname}"}, "abc",
@@ -1889,6 +1901,27 @@ def test_bad_ack_timeout_is_an_error(broker, qname, timeout):
     c = broker.client()
     _assert_rejected(broker, c, qname, encode_frame("SEND", {"destination": f"/queue/{qname}",
                                                              "ack-timeout": timeout}, "x"))
+
+
+@pytest.mark.parametrize("header,value", [
+    ("priority", "99999999999999999999999999"), ("priority", "-99999999999999999999999999"),
+    ("ack-timeout", "nan"), ("ack-timeout", "inf"), ("ack-timeout", "-1"), ("ack-timeout", "1e400"),
+])
+def test_extreme_priority_or_ack_timeout_is_stored_or_refused_never_crashes(broker, qname, header, value):
+    c = broker.client()
+    c.send_frame("SEND", {"destination": f"/queue/{qname}", header: value, "receipt": "r"}, "x")
+    f = c.recv()
+    assert f.command in ("RECEIPT", "ERROR"), f
+    other = broker.client()
+    if f.command == "ERROR":
+        c.expect_closed()
+        assert other.count_msgs(qname) == 0
+    else:
+        other.subscribe(f"/queue/{qname}", ack="client-individual")
+        other.ack(other.message())
+    other.send(f"/queue/{qname}-after", "broker still fine")
+    broker.restart()
+    broker.client().count_msgs(qname)
 
 
 @pytest.mark.parametrize("prefetch", ["many", "1.5"])
