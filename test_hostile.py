@@ -400,3 +400,124 @@ def test_header_count_and_line_limits_hold_with_a_large_max_frame_size(start_bro
         send_frames_ignoring_close(c, data)
         assert c.expect_error(timeout=10).get("message")
     assert b.client().count_msgs(qname) == 0
+
+
+# ============================================================================================
+# §9 Slow consumers: memory stays bounded
+# ============================================================================================
+
+BODY_SIZE = 1_000_000                 # ~1 MB bodies, just under the 1 MiB high-water mark
+RSS_GROWTH_LIMIT_KIB = 160 * 1024     # allowed peak RSS growth, whatever the volume sent
+
+
+def socket_buffer_max():
+    """The most the kernel may buffer on one loopback connection (receiver + sender), bytes."""
+    def third(path):
+        try:
+            with open(path) as f:
+                return int(f.read().split()[2])
+        except (OSError, IndexError, ValueError):
+            return 64 * MiB
+    return third("/proc/sys/net/ipv4/tcp_rmem") + third("/proc/sys/net/ipv4/tcp_wmem")
+
+
+def flood(producer, destination, n, body, every=16):
+    """n unreceipted SENDs of `body`, with a receipted topic SEND after every `every` of them,
+    so that the producer reads its socket and the broker has handled what was sent."""
+    for i in range(n):
+        producer.send_raw(encode_frame("SEND", [("destination", destination), ("x-seq", str(i))],
+                                       body))
+        if i % every == every - 1 or i == n - 1:
+            producer.send("/topic/flood-barrier", receipt=True)
+
+
+def queue_slow_consumer(start_broker, qname, n):
+    b = start_broker("-max-frame-size", str(4 * MiB), "-maxmsgs", "16", "-flush-period", "0.1")
+    slow = b.client()
+    slow.subscribe(f"/queue/{qname}", ack="auto")    # and then reads nothing
+    producer = b.client()
+    observer = b.client()
+    rss = RssSampler(b.proc.pid)
+    body = os.urandom(BODY_SIZE)
+    flood(producer, f"/queue/{qname}", n, body)
+    time.sleep(1.0)                                  # what can be written has been written
+    stored = observer.count_msgs(qname)
+    time.sleep(0.5)
+    assert observer.count_msgs(qname) == stored, "deliveries went on to a consumer that reads nothing"
+    peak = rss.stop()
+    delivered = n - stored                           # auto: counted once written to the socket
+    bound = socket_buffer_max() // BODY_SIZE + 3     # kernel buffers + 1 MiB of outbox
+    report(f"queue slow consumer {n} x {BODY_SIZE} B", rss_start_mib=rss.start // 1024,
+           rss_peak_mib=peak // 1024, growth_mib=(peak - rss.start) // 1024,
+           written_before_pause=delivered)
+    assert delivered <= bound, f"{delivered} messages written to a consumer that reads nothing"
+    assert peak - rss.start <= RSS_GROWTH_LIMIT_KIB, \
+        f"broker RSS grew by {(peak - rss.start) // 1024} MiB while {n} MB went to a slow consumer"
+    # The consumer now reads: every message arrives once, in order, and delivery resumed.
+    seqs = []
+    deadline = time.monotonic() + 120
+    while len(seqs) < n:
+        m = slow.message(timeout=max(1.0, deadline - time.monotonic()))
+        assert m.body == body
+        seqs.append(int(m["x-seq"]))
+    assert seqs == list(range(n))
+    assert observer.count_msgs(qname) == 0
+    slow.expect_nothing(0.2)
+    assert rss_kib(b.proc.pid) - rss.start <= RSS_GROWTH_LIMIT_KIB
+
+
+def test_queue_slow_consumer_pauses_at_the_high_water_mark_and_memory_stays_bounded(start_broker, qname):
+    queue_slow_consumer(start_broker, qname, 200)     # 200 MB
+
+
+@pytest.mark.slow
+def test_queue_slow_consumer_1_gb(start_broker, qname):
+    queue_slow_consumer(start_broker, qname, 1000)    # 1 GB
+
+
+def topic_slow_consumer(start_broker, qname, n):
+    max_pending = 64 * MiB
+    b = start_broker("-max-frame-size", str(4 * MiB), "-max-pending", str(max_pending))
+    slow = b.client()
+    slow.subscribe(f"/topic/{qname}")                 # and then reads nothing
+    fast = b.client()
+    fast.subscribe(f"/topic/{qname}")
+    producer = b.client()
+    rss = RssSampler(b.proc.pid)
+    body = os.urandom(BODY_SIZE)
+    received = 0
+    for i in range(0, n, 16):
+        k = min(16, n - i)
+        for j in range(k):
+            producer.send_raw(encode_frame("SEND", [("destination", f"/topic/{qname}"),
+                                                    ("x-seq", str(i + j))], body))
+        producer.send("/topic/flood-barrier")
+        for _ in range(k):                           # a subscriber that reads keeps up
+            assert fast.message(timeout=30).body == body
+            received += 1
+    peak = rss.stop()
+    report(f"topic slow consumer {n} x {BODY_SIZE} B", rss_start_mib=rss.start // 1024,
+           rss_peak_mib=peak // 1024, growth_mib=(peak - rss.start) // 1024)
+    frames = slow.expect_closed(timeout=30)
+    commands = [f.command for f in frames]
+    assert commands and commands[-1] == "ERROR", commands[-3:]
+    assert frames[-1].get("message"), frames[-1]
+    assert set(commands[:-1]) <= {"MESSAGE"}
+    assert len(commands) - 1 < n, "the slow consumer got everything: it was never over the limit"
+    seqs = [int(f["x-seq"]) for f in frames[:-1]]
+    assert seqs == list(range(len(seqs))), "messages before the ERROR are not the first ones in order"
+    assert peak - rss.start <= max_pending // 1024 + RSS_GROWTH_LIMIT_KIB, \
+        f"broker RSS grew by {(peak - rss.start) // 1024} MiB with a 64 MiB max-pending"
+    assert received == n
+    assert fast.count_subscribers(f"/topic/{qname}") == 1
+    producer.send(f"/topic/{qname}", b"after")
+    assert fast.message().body == b"after"
+
+
+def test_topic_slow_consumer_is_disconnected_at_max_pending_and_memory_stays_bounded(start_broker, qname):
+    topic_slow_consumer(start_broker, qname, 200)     # 200 MB
+
+
+@pytest.mark.slow
+def test_topic_slow_consumer_1_gb(start_broker, qname):
+    topic_slow_consumer(start_broker, qname, 1000)    # 1 GB
