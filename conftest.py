@@ -179,15 +179,15 @@ class Broker:
 
     # clients --------------------------------------------------------------------------------
 
-    def raw_client(self, timeout=RECV_TIMEOUT):
+    def raw_client(self, timeout=RECV_TIMEOUT, rcvbuf=None):
         """A connected socket that has not sent CONNECT yet."""
-        c = Client(self.port, timeout=timeout, host=self.host)
+        c = Client(self.port, timeout=timeout, host=self.host, rcvbuf=rcvbuf)
         self.clients.append(c)
         return c
 
-    def client(self, version="1.2", **connect_kw):
+    def client(self, version="1.2", rcvbuf=None, **connect_kw):
         """A client that has completed CONNECT/CONNECTED with `version` (None: no accept-version)."""
-        c = self.raw_client()
+        c = self.raw_client(rcvbuf=rcvbuf)
         c.connect(version, **connect_kw)
         return c
 
@@ -257,10 +257,14 @@ def encode_frame(command, headers=(), body=b"", content_length=None, eol=b"\n"):
 class Client:
     _ids = itertools.count(1)
 
-    def __init__(self, port, timeout=RECV_TIMEOUT, host=HOST):
+    def __init__(self, port, timeout=RECV_TIMEOUT, host=HOST, rcvbuf=None):
         self.port = port
         self.timeout = timeout
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:          # before connect, so the TCP window really is small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
         self.buf = bytearray()
         self.backlog = collections.deque()
         self.heartbeats = 0          # EOLs received between frames (not a frame's trailing EOL)
