@@ -139,6 +139,16 @@ def test_signal_flushes_unreceipted_messages_to_disk(start_broker, qname, sig):
     assert [m.body for m in c.messages(5)] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
 
 
+def test_sigterm_with_a_half_sent_frame_still_exits_0(broker, qname):
+    c = broker.client()
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\ncontent-length:100\n\nonly part".encode())
+    time.sleep(0.2)
+    assert broker.terminate() == 0, broker.stderr()
+    broker.close_clients()
+    broker.start()
+    assert broker.client().count_msgs(qname) == 0
+
+
 def test_restart_on_the_same_port_right_after_stop_works(broker, qname):
     c1 = broker.client()
     c2 = broker.client("1.0")
@@ -479,6 +489,14 @@ def test_broker_keeps_a_heart_beating_connection_open(broker, qname):
     for _ in range(15):
         c.heartbeat()
         time.sleep(0.1)
+    c.send(f"/queue/{qname}", "still here")
+
+
+def test_a_client_beating_at_exactly_its_interval_stays_connected(broker, qname):
+    c = broker.client("1.2", heart_beat="200,0")
+    for _ in range(10):
+        time.sleep(0.2)
+        c.heartbeat()
     c.send(f"/queue/{qname}", "still here")
 
 
