@@ -521,3 +521,162 @@ def test_topic_slow_consumer_is_disconnected_at_max_pending_and_memory_stays_bou
 @pytest.mark.slow
 def test_topic_slow_consumer_1_gb(start_broker, qname):
     topic_slow_consumer(start_broker, qname, 1000)    # 1 GB
+
+
+# ============================================================================================
+# §5, §7 Crashes: kill -9 or SIGTERM at random moments, then nothing promised is lost
+# ============================================================================================
+
+class Producer(threading.Thread):
+    """Sends SENDs to a queue until the connection dies. `pattern` says which carry a receipt.
+    `confirmed` is how many of the sends (in order) came before the last RECEIPT received."""
+
+    def __init__(self, port, queue, name, receipt_every, window=16):
+        super().__init__(daemon=True)
+        self.port, self.queue, self.tag = port, queue, name
+        self.receipt_every = receipt_every
+        self.window = window
+        self.sent = []               # bodies, in order
+        self.receipted = set()       # bodies whose own RECEIPT came back
+        self.confirmed = 0           # sends before (and including) the last RECEIPT received
+        self.error = None
+
+    def run(self):
+        try:
+            c = Client(self.port, timeout=3)
+        except OSError:
+            return
+        self.client = c
+        try:
+            c.connect("1.2")
+            outstanding = {}
+            i = 0
+            while True:
+                body = f"{self.tag}-{i}"
+                headers = [("destination", f"/queue/{self.queue}"), ("x-body", body)]
+                if i % self.receipt_every == self.receipt_every - 1:
+                    headers.append(("receipt", body))
+                    outstanding[body] = len(self.sent) + 1
+                c.send_frame("SEND", headers, body.encode())
+                self.sent.append(body)
+                i += 1
+                while len(outstanding) >= self.window:
+                    f = c.recv(timeout=3)
+                    if f.command == "ERROR":
+                        self.error = f
+                        return
+                    if f.command == "RECEIPT":
+                        rid = f["receipt-id"]
+                        self.receipted.add(rid)
+                        self.confirmed = max(self.confirmed, outstanding.pop(rid))
+        except (Closed, OSError, TimeoutError, AssertionError):
+            pass
+        finally:
+            c.close()
+
+
+class Consumer(threading.Thread):
+    """Receives and ACKs (client-individual, some ACKs with receipts) until the connection dies."""
+
+    def __init__(self, port, queue, delivered, lock):
+        super().__init__(daemon=True)
+        self.port, self.queue = port, queue
+        self.delivered, self.lock = delivered, lock
+        self.error = None
+
+    def run(self):
+        try:
+            c = Client(self.port, timeout=3)
+        except OSError:
+            return
+        try:
+            c.connect("1.2")
+            c.send_frame("SUBSCRIBE", [("destination", f"/queue/{self.queue}"), ("id", "s"),
+                                       ("ack", "client-individual"), ("prefetch", "20")])
+            n = 0
+            while True:
+                f = c.recv(timeout=3)
+                if f.command == "ERROR":
+                    self.error = f
+                    return
+                if f.command != "MESSAGE":
+                    continue
+                with self.lock:
+                    self.delivered[f.body.decode()] = self.delivered.get(f.body.decode(), 0) + 1
+                n += 1
+                h = [("id", f["ack"])]
+                if n % 3 == 0:
+                    h.append(("receipt", f"ack-{n}"))
+                c.send_frame("ACK", h)
+        except (Closed, OSError, TimeoutError, AssertionError):
+            pass
+        finally:
+            c.close()
+
+
+def crash_cycles(start_broker, qname, cycles, sig, receipt_every, seed):
+    rnd = random.Random(seed)
+    b = start_broker()
+    delivered, lock = {}, threading.Lock()
+    producers = []
+    for cycle in range(cycles):
+        if cycle:
+            b.start()
+        ps = [Producer(b.port, qname, f"c{cycle}p{k}", receipt_every) for k in range(2)]
+        cs = [Consumer(b.port, qname, delivered, lock) for _ in range(2)]
+        for t in ps + cs:
+            t.start()
+        time.sleep(rnd.uniform(0.05, 0.35))
+        if sig == signal.SIGKILL:
+            b.kill9(close_clients=False)
+        else:
+            assert b.terminate(sig) == 0, "SIGTERM did not stop the broker with exit 0"
+        for t in ps + cs:
+            t.join(15)
+            assert not t.is_alive(), "a client thread did not notice the broker's end"
+            assert t.error is None, f"unexpected ERROR: {t.error!r}"
+        producers += ps
+    # Drain everything that is left.
+    b.start()
+    c = b.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=100)
+    while True:
+        m = c.try_message(timeout=1.0)
+        if m is None:
+            break
+        delivered[m.body.decode()] = delivered.get(m.body.decode(), 0) + 1
+        c.ack(m, receipt=False)
+    assert c.count_msgs(qname) == 0
+    receipted = set().union(*(p.receipted for p in producers))
+    confirmed = {body for p in producers for body in p.sent[:p.confirmed]}
+    must_have = receipted if sig == signal.SIGKILL else confirmed | receipted
+    lost = must_have - delivered.keys()
+    sent = sum(len(p.sent) for p in producers)
+    duplicates = sum(n - 1 for n in delivered.values())
+    unknown = delivered.keys() - {body for p in producers for body in p.sent}
+    report(f"{signal.Signals(sig).name} x {cycles}", sent=sent, receipted=len(receipted),
+           checked=len(must_have), delivered=len(delivered), lost=len(lost),
+           duplicates=duplicates, unconfirmed_missing=len(set().union(*(p.sent for p in producers))
+                                                       - delivered.keys()))
+    assert must_have, "test bug: no message was confirmed"
+    assert not unknown, f"delivered messages nobody sent: {sorted(unknown)[:5]}"
+    assert not lost, f"{len(lost)} of {len(must_have)} confirmed messages lost: {sorted(lost)[:10]}"
+
+
+def test_kill_9_at_random_moments_loses_no_receipted_message(start_broker, qname):
+    """Every other SEND has a receipt; the unreceipted ones may be lost."""
+    crash_cycles(start_broker, qname, 20, signal.SIGKILL, receipt_every=2, seed=9)
+
+
+def test_sigterm_at_random_moments_loses_no_received_message(start_broker, qname):
+    crash_cycles(start_broker, qname, 20, signal.SIGTERM, receipt_every=5, seed=15)
+
+
+@pytest.mark.slow
+def test_kill_9_over_100_cycles(start_broker, qname):
+    crash_cycles(start_broker, qname, 100, signal.SIGKILL, receipt_every=2, seed=99)
+
+
+@pytest.mark.slow
+def test_sigterm_over_100_cycles(start_broker, qname):
+    crash_cycles(start_broker, qname, 100, signal.SIGTERM, receipt_every=7, seed=77)
