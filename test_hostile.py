@@ -680,3 +680,128 @@ def test_kill_9_over_100_cycles(start_broker, qname):
 @pytest.mark.slow
 def test_sigterm_over_100_cycles(start_broker, qname):
     crash_cycles(start_broker, qname, 100, signal.SIGTERM, receipt_every=7, seed=77)
+
+
+# ============================================================================================
+# §9 Many connections
+# ============================================================================================
+
+HOLD_HEART_BEAT = "120000,120000"     # both ways, far longer than the test
+
+
+def hold_connections(port, n, topic):
+    """Worker process: n connections that CONNECT (with heart-beats) and SUBSCRIBE to `topic`,
+    then idle.  Prints `ready N`; on `check BODY` from stdin prints how many got that MESSAGE;
+    exits (closing them) at EOF."""
+    raise_nofile()
+    frames = (encode_frame("CONNECT", [("accept-version", "1.2"), ("host", "h"),
+                                       ("heart-beat", HOLD_HEART_BEAT)])
+              + encode_frame("SUBSCRIBE", [("destination", f"/topic/{topic}"), ("id", "s"),
+                                           ("receipt", "sub")]))
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((HOST, port), timeout=60)
+        s.sendall(frames)
+        socks.append(s)
+    for s in socks:
+        data = b""
+        while b"receipt-id:sub" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise SystemExit("closed before the SUBSCRIBE receipt")
+            data += chunk
+    print(f"ready {len(socks)}", flush=True)
+    for line in sys.stdin:
+        if line.startswith("check "):
+            marker = line.split(" ", 1)[1].strip().encode()
+            got = 0
+            for s in socks:
+                data = b""
+                s.settimeout(30)
+                while marker not in data:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                got += marker in data
+            print(f"got {got}", flush=True)
+    for s in socks:
+        s.close()
+
+
+def many_connections(start_broker, qname, n):
+    soft = raise_nofile()
+    per_process = min(5000, soft - 100)
+    b = start_broker()
+    probe = b.client()
+    probe.subscribe(f"/queue/{qname}")
+    rss_before = rss_kib(b.proc.pid)
+    workers = []
+    t0 = time.monotonic()
+    try:
+        left = n
+        while left:
+            k = min(per_process, left)
+            left -= k
+            workers.append(subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "hold", str(b.port), str(k), qname],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for w in workers:
+            line = w.stdout.readline()          # bounded by the worker's own socket timeouts
+            assert line.startswith("ready "), f"worker failed: {line!r} (exit {w.poll()})"
+        setup = time.monotonic() - t0
+        assert probe.count_subscribers(f"/topic/{qname}") == n, "not every connection was served"
+        rss_after = rss_kib(b.proc.pid)
+        # A message still round-trips at that load, on a queue and to every topic subscriber.
+        probe.send(f"/queue/{qname}", b"round trip")
+        assert probe.message(timeout=30).body == b"round trip"
+        newcomer = b.client()
+        newcomer.send(f"/topic/{qname}", b"to-everyone-7c1")
+        for w in workers:
+            w.stdin.write("check to-everyone-7c1\n")
+            w.stdin.flush()
+        got = sum(int(w.stdout.readline().split()[1]) for w in workers)
+        assert got == n, f"only {got} of {n} connections got the topic message"
+        assert b.alive()
+        per_conn = (rss_after - rss_before) * 1024 // n
+        report(f"{n} connections", processes=len(workers), setup_s=round(setup, 1),
+               rss_before_mib=rss_before // 1024, rss_after_mib=rss_after // 1024,
+               rss_per_connection_bytes=per_conn)
+        assert per_conn < 64 * 1024, f"{per_conn} bytes of RSS per idle connection"
+    finally:
+        for w in workers:
+            try:
+                w.stdin.close()
+            except OSError:
+                pass
+        for w in workers:
+            try:
+                w.wait(60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+    assert all(w.returncode == 0 for w in workers)
+    # All gone: the broker forgot them.
+    assert wait_for_true(lambda: probe.count_subscribers(f"/topic/{qname}") == 0, 30)
+
+
+def wait_for_true(fn, timeout, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def test_1000_idle_heart_beating_connections_are_served(start_broker, qname):
+    many_connections(start_broker, qname, 1000)
+
+
+@pytest.mark.slow
+def test_10000_idle_heart_beating_connections_are_served(start_broker, qname):
+    many_connections(start_broker, qname, 10000)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["hold"]:
+    hold_connections(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
