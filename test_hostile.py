@@ -5,14 +5,16 @@ Every test starts the real broker (conftest.py) and talks to it over sockets:
 - bad input: every limit and every kind of malformed frame gets an ERROR with a `message` header
   and a close of that connection only; one log line, no traceback; other connections and stored
   messages are untouched;
-- fuzzing of the broker over real sockets (the codec's in-process fuzzing is in test_fuzz.py);
 - slow consumers: memory stays bounded while a queue or topic subscriber never reads;
 - crashes: kill -9 / SIGTERM at random moments, then no receipted (SIGTERM: no received) message
   is lost;
 - many connections, and slowloris connections closed on their deadlines.
 
+Fuzzing, of the codec in-process and of the broker over sockets, is in test_fuzz.py.
+
 Long variants carry the `slow` marker and are skipped unless selected: `python3 -m pytest -m slow
-test_hostile.py test_fuzz.py` (or OCAMLMQ_SLOW=1).
+test_hostile.py test_fuzz.py` (or OCAMLMQ_SLOW=1).  Measured figures are printed as `[figures]`
+lines (pytest -s).
 """
 
 import os
@@ -805,3 +807,144 @@ def test_10000_idle_heart_beating_connections_are_served(start_broker, qname):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["hold"]:
     hold_connections(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+# ============================================================================================
+# §3 Slowloris: connections are closed on their deadlines and hold only their buffers
+# ============================================================================================
+
+CONNECT_DEADLINE = 10.0
+
+
+def closed_now(c):
+    """True if the broker has closed c (reads and drops what is pending, never blocks)."""
+    c.sock.setblocking(False)
+    try:
+        while True:
+            data = c.sock.recv(65536)
+            if not data:
+                return True
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        c.sock.setblocking(True)
+
+
+def test_slowloris_before_connect_is_closed_at_the_10_second_deadline(broker, qname):
+    """Silent sockets, CONNECTs trickled byte by byte, and CONNECTs that stop halfway (some
+    with a 60 KiB header line pending) are all closed 10 s after accept, not before; meanwhile
+    an honest client is served, and they hold no memory beyond their buffers."""
+    honest = broker.client()
+    honest.subscribe(f"/queue/{qname}")
+    rss_before = rss_kib(broker.proc.pid)
+    connect = encode_frame("CONNECT", [("accept-version", "1.2"), ("host", "h" * 200)])
+    kinds = {"silent": b"", "trickle": b"", "half": connect[:len(connect) // 2],
+             "big-line": b"CONNECT\naccept-version:1.2\nx-pad:" + b"p" * (60 * 1024),
+             "no-blank-line": connect[:-2]}
+    conns = []
+    t0 = time.monotonic()
+    for i in range(40):
+        for kind, data in kinds.items():
+            c = broker.raw_client(timeout=5)
+            if data:
+                c.send_raw(data)
+            conns.append((kind, c, time.monotonic()))
+    held = sum(len(d) for d in kinds.values()) * 40
+    time.sleep(0.5)
+    rss_held = rss_kib(broker.proc.pid)
+    open_ = {id(c): (kind, c, t) for kind, c, t in conns}
+    closed_at = {}
+    trickled = 0
+    rounds = 0
+    while open_ and time.monotonic() - t0 < CONNECT_DEADLINE + 5:
+        rounds += 1
+        for key, (kind, c, t) in list(open_.items()):
+            if kind == "trickle" and trickled < len(connect) - 1:
+                try:
+                    c.send_raw(connect[trickled:trickled + 1])
+                except OSError:
+                    pass
+            if closed_now(c):
+                closed_at[key] = (kind, time.monotonic() - t)
+                del open_[key]
+        if any(kind == "trickle" for kind, _, _ in open_.values()):
+            trickled += 1
+        if rounds % 10 == 0:
+            honest.send(f"/queue/{qname}", b"served %d" % rounds)
+            assert honest.message().body == b"served %d" % rounds
+        time.sleep(0.1)
+    assert trickled < len(connect) - 1, "test bug: the trickled CONNECT was completed"
+    assert not open_, f"still open after {CONNECT_DEADLINE + 5}s: " \
+                      f"{sorted({kind for kind, _, _ in open_.values()})}"
+    early = [(kind, round(age, 2)) for kind, age in closed_at.values() if age < CONNECT_DEADLINE - 1]
+    assert not early, f"closed before the 10 s deadline: {early[:5]}"
+    growth = (rss_held - rss_before) * 1024
+    report("slowloris before CONNECT", connections=len(conns), bytes_buffered=held,
+           rss_growth_bytes=growth, latest_close_s=round(max(a for _, a in closed_at.values()), 2))
+    assert growth <= held + len(conns) * 16 * 1024 + 8 * MiB, \
+        f"{len(conns)} slowloris connections cost {growth} bytes for {held} bytes buffered"
+    honest.send(f"/queue/{qname}", b"after")
+    assert honest.message().body == b"after"
+    assert honest.count_msgs(qname) == 0
+
+
+STALLS = {
+    "in-command": lambda q: b"SEN",
+    "in-headers": lambda q: f"SEND\ndestination:/queue/{q}\nx-a:b".encode(),
+    "before-body": lambda q: f"SEND\ndestination:/queue/{q}\n".encode(),
+    "in-body-content-length": lambda q: f"SEND\ndestination:/queue/{q}\ncontent-length:100\n\nabc".encode(),
+    "in-body-until-nul": lambda q: f"SEND\ndestination:/queue/{q}\n\nabc".encode(),
+    "in-1MB-body": lambda q: f"SEND\ndestination:/queue/{q}\ncontent-length:2000000\n\n".encode()
+    + b"b" * 1_000_000,
+}
+
+
+@pytest.mark.parametrize("where", list(STALLS))
+def test_a_client_stopping_mid_frame_is_closed_at_twice_its_heart_beat(broker, qname, where):
+    interval = 0.5                                    # the client promises a beat every 500 ms
+    c = broker.raw_client()
+    c.connect("1.2", heart_beat=f"{int(interval * 1000)},0")
+    c.send_raw(STALLS[where](qname))
+    t0 = time.monotonic()
+    frames = c.expect_closed(timeout=2 * interval + 5)
+    elapsed = time.monotonic() - t0
+    assert not [f for f in frames if f.command not in ("ERROR",)], frames
+    assert elapsed >= 2 * interval * 0.8, f"closed after {elapsed:.2f}s, before 2x the heart-beat"
+    assert broker.client().count_msgs(qname) == 0
+
+
+def test_a_slow_but_beating_client_mid_frame_is_not_closed(broker, qname):
+    """Bytes of a frame count as heart-beats: a frame trickled faster than the interval is fine."""
+    c = broker.raw_client()
+    c.connect("1.2", heart_beat="500,0")
+    c.subscribe(f"/queue/{qname}")
+    data = encode_frame("SEND", [("destination", f"/queue/{qname}")], b"slow")
+    step = max(1, len(data) // 10)
+    for i in range(0, len(data), step):
+        c.send_raw(data[i:i + step])
+        time.sleep(0.3)                               # 3 s in all, well over 2 x 500 ms
+    assert c.message().body == b"slow"
+
+
+def test_stalled_mid_frame_connections_hold_only_their_buffers(broker, qname):
+    """30 connected clients each stop 1 MB into a 2 MB body: the broker's RSS grows by about
+    what they sent, and they are all closed at 2x their heart-beat."""
+    rss_before = rss_kib(broker.proc.pid)
+    conns = []
+    sent = 0
+    for _ in range(30):
+        c = broker.raw_client()
+        c.connect("1.2", heart_beat="1500,0")
+        data = STALLS["in-1MB-body"](qname)
+        c.send_raw(data)
+        sent += len(data)
+        conns.append(c)
+    time.sleep(0.5)
+    growth = (rss_kib(broker.proc.pid) - rss_before) * 1024
+    for c in conns:
+        c.expect_closed(timeout=10)
+    report("stalled mid-frame", connections=len(conns), bytes_buffered=sent, rss_growth_bytes=growth)
+    assert growth <= 2 * sent + 16 * MiB, f"{growth} bytes of RSS for {sent} bytes buffered"
+    assert broker.client().count_msgs(qname) == 0
