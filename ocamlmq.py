@@ -211,32 +211,33 @@ class FrameParser:
             text = head.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("headers are not valid UTF-8") from None
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")
         lines = text.split("\n")
         lines.pop()                              # what follows the last EOL: nothing
-        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
         if len(lines) - 1 > self.max_headers:
             raise ProtocolError(f"more than {self.max_headers} headers")
+        if len(head) > self.max_line and max(map(len, lines)) > self.max_line:
+            raise ProtocolError(f"header line longer than {self.max_line} bytes")
         command = lines[0]
-        raw = command in ("CONNECT", "STOMP", "CONNECTED") or self.version == "1.0"
+        trim = self.version == "1.0" or command in ("CONNECT", "STOMP")
+        escaped = not trim and "\\" in text
         headers = {}
         for line in lines[1:]:
-            if len(line) > self.max_line:
-                raise ProtocolError(f"header line longer than {self.max_line} bytes")
             name, colon, value = line.partition(":")
             if not colon:
                 raise ProtocolError(f"header line without a colon: {line[:80]!r}")
-            if raw:
+            if trim:
                 name, value = name.strip(), value.strip()
-            else:
+            elif escaped:
                 name, value = unescape(name, self.version), unescape(value, self.version)
-            headers.setdefault(name, value)
+            if name not in headers:
+                headers[name] = value
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit() or not length.isascii():
+            if not (length.isdigit() and length.isascii()):
                 raise ProtocolError(f"bad content-length {length[:40]!r}")
             length = int(length)
-            if length > self.max_frame_size:
-                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
         return command, headers, length
 
 
@@ -698,10 +699,10 @@ class Broker:
         handler = self.COMMANDS.get(frame.command)
         if handler is None:
             raise ClientError(f"unknown command {frame.command[:40]!r}")
-        if not client.connected and handler not in (Broker.cmd_connect,):
+        if not client.connected and handler is not Broker.cmd_connect:
             raise ClientError("the first frame must be CONNECT or STOMP")
         tx = frame.headers.get("transaction")
-        if tx is not None and handler in (Broker.cmd_send, Broker.cmd_ack, Broker.cmd_nack):
+        if tx is not None and handler in self.TRANSACTIONAL:
             if tx not in client.transactions:
                 raise ClientError(f"unknown transaction {tx[:40]!r}")
             self.check(client, frame, handler)
@@ -772,7 +773,8 @@ class Broker:
         kind, name = self.parse_destination(h.get("destination"))
         if kind != "control" and name.endswith("*"):
             raise ClientError("cannot SEND to a destination ending in '*'")
-        priority = parse_int(h.get("priority", "0"), "priority")
+        priority = h.get("priority")
+        priority = 0 if priority is None else parse_int(priority, "priority")
         ack_timeout = h.get("ack-timeout")
         if ack_timeout is not None:
             try:
@@ -962,6 +964,7 @@ class Broker:
         self.receipt(client, frame)
         self.close(client)
 
+    TRANSACTIONAL = (cmd_send, cmd_ack, cmd_nack)
     COMMANDS = {"CONNECT": cmd_connect, "STOMP": cmd_connect, "SEND": cmd_send,
                 "SUBSCRIBE": cmd_subscribe, "UNSUBSCRIBE": cmd_unsubscribe, "ACK": cmd_ack,
                 "NACK": cmd_nack, "BEGIN": cmd_begin, "COMMIT": cmd_commit, "ABORT": cmd_abort,
@@ -1233,6 +1236,8 @@ class Reactor:
         self.sequence = 0
         self.sockets = {}         # Client -> socket
         self.draining = set()     # closing clients given CLOSE_GRACE to drain their outbox
+        self.read_buffer = bytearray(self.READ_SIZE)
+        self.read_view = memoryview(self.read_buffer)
         self.stopping = False
         self.broker = None
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -1303,18 +1308,16 @@ class Reactor:
         if sock is None:
             return
         try:
-            data = sock.recv(self.READ_SIZE)
+            size = sock.recv_into(self.read_buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            size = 0
+        if not size:
             self.close(client)
             return
         client.last_input = self.clock()
-        self.broker.data_received(client, data)
-        if client.closing:
-            self.write(client)
+        self.broker.data_received(client, self.read_view[:size])
 
     def flush_outboxes(self):
         written, self.broker.written = self.broker.written, set()
@@ -1542,6 +1545,8 @@ def main(argv):
              "PostgreSQL" if settings["pg"] is not None else settings["database"])
     try:
         reactor.run()
+        for signum in (signal.SIGINT, signal.SIGTERM):   # a second signal must not kill the
+            signal.signal(signum, signal.SIG_IGN)         # interpreter while it exits
     except storage_error as e:
         print(f"ocamlmq.py: storage failed at shutdown: {e}", file=sys.stderr)
         return 1
