@@ -544,8 +544,9 @@ class Queue:
         self.cursor = Queue.START
 
 
-def parse_int(value, what, low=-2 ** 63 + 1, high=2 ** 63 - 1):
-    if not re.fullmatch(r"-?[0-9]{1,19}", value) or not low <= int(value) <= high:
+def parse_int(value, what, limit=2 ** 63 - 1):
+    """A decimal integer header; beyond +-limit (priorities are stored as 64-bit) is an error."""
+    if not re.fullmatch(r"-?[0-9]{1,400}", value) or abs(int(value)) > limit:
         raise ClientError(f"invalid {what} {value[:40]!r}")
     return int(value)
 
@@ -842,7 +843,7 @@ class Broker:
         ack_mode = h.get("ack", "auto")
         if ack_mode not in ("auto", "client", "client-individual"):
             raise ClientError(f"invalid ack mode {ack_mode[:40]!r}")
-        prefetch = parse_int(h.get("prefetch", "0"), "prefetch")
+        prefetch = parse_int(h.get("prefetch", "0"), "prefetch", limit=10 ** 400)
         prefetch = self.max_prefetch if prefetch <= 0 else min(prefetch, self.max_prefetch)
         if kind == "queue":
             queue = self.queues.get(name)
