@@ -68,6 +68,8 @@ class Broker:
         self.backend = backend
         self.flags = list(flags)
         self.name = name
+        self.auto_port = port is None
+        self.port_retries = 0
         self.port = port or free_port()
         self.host = HOST
         if "-address" in self.flags:
@@ -104,18 +106,49 @@ class Broker:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
+                if self.runs == 1 and self.auto_port and self.proc.returncode == 1 \
+                        and self.port_retries < 3:
+                    # another process took our free port in the meantime: pick another one
+                    self.port_retries += 1
+                    self.port = free_port()
+                    self.runs = 0
+                    self.stderr_paths.pop()
+                    return self.start()
                 raise AssertionError(f"broker exited with {self.proc.returncode} at start:\n"
                                      f"{self.stderr()}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.5).close()
+            if self._listening():
                 return self
-            except OSError:
-                pass
             if time.monotonic() > deadline:
                 self.kill9()
                 raise AssertionError(f"broker did not accept connections within "
                                      f"{START_TIMEOUT}s:\n{self.stderr()}")
             time.sleep(0.05)
+
+    def _listening(self):
+        """True once *our* process listens on the port (on Linux, checked in /proc, so a
+        stranger that grabbed the port is not mistaken for our broker)."""
+        if not os.path.isdir(f"/proc/{self.proc.pid}/fd"):
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                return self.proc.poll() is None
+            except OSError:
+                return False
+        try:
+            inodes = set()
+            for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+                link = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+                with open(table) as f:
+                    for line in f.readlines()[1:]:
+                        parts = line.split()
+                        if (parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == self.port
+                                and parts[9] in inodes):
+                            return True
+        except OSError:
+            pass
+        return False
 
     def _preexec(self):
         if self.soft_nofile is not None:
