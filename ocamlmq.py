@@ -450,6 +450,7 @@ class Client:
 
 
 QUEUE, TOPIC, PREFIX = "queue", "topic", "prefix"   # Subscription.kind
+ACK_MODES = {mode: mode for mode in ("auto", "client", "client-individual")}
 
 
 class Subscription:
@@ -840,9 +841,9 @@ class Broker:
             raise ClientError("SUBSCRIBE needs an id header")
         if sub_id in client.subscriptions:
             raise ClientError(f"duplicate subscription id {sub_id[:100]!r}")
-        ack_mode = h.get("ack", "auto")
-        if ack_mode not in ("auto", "client", "client-individual"):
-            raise ClientError(f"invalid ack mode {ack_mode[:40]!r}")
+        ack_mode = ACK_MODES.get(h.get("ack", "auto"))   # one shared string per mode
+        if ack_mode is None:
+            raise ClientError(f"invalid ack mode {h['ack'][:40]!r}")
         prefetch = parse_int(h.get("prefetch", "0"), "prefetch", limit=10 ** 400)
         prefetch = self.max_prefetch if prefetch <= 0 else min(prefetch, self.max_prefetch)
         if kind == "queue":
