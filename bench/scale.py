@@ -729,6 +729,22 @@ def case_queues(args):
         figs.append(fig(case, "count-msgs latency p99", lg.percentile(lat, 0.99) * 1000, "ms",
                         {}, ok, "sequential count-msgs on %d random queues of the %d: %s"
                         % (len(sample), n, summarize(answers, 1))))
+        # as many queues again: if what stays in memory is the allocator keeping its peak, RSS
+        # stays put; if it is a per-queue cost, it grows by as much again
+        specs = [(role_fill, dict(dest_fn=(lambda i: lambda j: name(i + producers, j))(i),
+                                  count=per, batch=500, count_dest=name(i + producers, per - 1)))
+                 for i in range(producers)]
+        res = lg.run_workers(specs, opts(br.port), 120 + n / 1000.0)
+        time.sleep(args.flush_wait)
+        after3 = probe.rss() or 0
+        ok3 = after3 - after <= max(0.25 * (after - idle), 10 * MiB) \
+            and all(r["num_messages"] == 1 for r in res)
+        figs.append(fig(case, "broker RSS growth vs idle after %d more queues" % n,
+                        (after3 - idle) / MiB, "MiB", {}, ok3,
+                        "VmRSS %.1f MiB after the 2nd fill (%d queues in all) vs %.1f MiB after "
+                        "the 1st: %+.1f MiB (check: <= 25%% of the 1st growth or 10 MiB; memory "
+                        "must not grow with the number of queues)"
+                        % (after3 / MiB, 2 * n, after / MiB, (after3 - after) / MiB)))
     except (BenchError, OSError) as e:
         figs.append(fail_fig(case, e, br))
     return br.finish(case, figs)
@@ -860,6 +876,14 @@ class Holders:
         return self.ws.__exit__(*exc)
 
 
+def median_run(k, fn):
+    """Run fn() (-> (rate, received, results, wall)) k times; the run with the median rate, and
+    all the rates."""
+    runs = [fn() for _ in range(max(1, k))]
+    runs.sort(key=lambda r: r[0] or 0)
+    return runs[len(runs) // 2], [r[0] for r in runs]
+
+
 def case_costs(args):
     case = "costs"
     nq = scaled(args.cost_msgs, args.scale, 200)
@@ -867,76 +891,94 @@ def case_costs(args):
     conns = args.conns
     per = scaled(args.cost_subs // conns, args.scale, 5)
     nsubs = per * conns
+    k = args.cost_repeat
     base = lg.unique(case)
+    seq = [0]
     figs = []
     br = BrokerRun()
+
+    def qname(tag):
+        seq[0] += 1
+        return "/queue/%s-%s-%d" % (base, tag, seq[0])
+
+    def rates(rs):
+        return "runs: %s msg/s" % ", ".join("%.0f" % r for r in rs)
+
     try:
         port = br.port
         tmo = 120 + nq / 500.0
 
-        def ratio_note(r0, r1):
-            return "%.2fx slower" % (r0 / r1) if r1 else "-"
+        def q_run(tag, **kw):
+            return measure_queue(port, qname(tag), nq, timeout=tmo + nsubs / 1000.0, **kw)
+
+        def t_run(name):
+            return measure_topic(port, name, nt, timeout=tmo)
 
         # queue, 1 subscriber
-        q1, got, res, wall = measure_queue(port, "/queue/%s-q1" % base, nq, timeout=tmo)
+        (q1, got, res, wall), r1 = median_run(k, lambda: q_run("q1"))
         figs.append(fig(case, "queue: 1 subscriber", q1, "msg/s", cpu_fig(res, wall),
-                        got == nq, "%d msgs of 100 B, 1 consumer client-individual prefetch 100, "
-                        "ACK each; SEND+delivery, first SEND -> last ACK; received %d"
-                        % (nq, got)))
+                        got == nq, "%d msgs of 100 B (200 per write, no receipts), 1 consumer "
+                        "client-individual prefetch 100, ACK each; msgs / (first SEND -> last "
+                        "ACK), median of %d; %s; received %d" % (nq, k, rates(r1), got)))
         # topic, 1 subscriber; a long name so every prefix length is looked up later
         tname = "/topic/%s-t1-%s" % (base, "n" * 40)
-        t1, got, res, wall = measure_topic(port, tname, nt, timeout=tmo)
+        (t1, got, res, wall), r2 = median_run(k, lambda: t_run(tname))
         figs.append(fig(case, "topic: 1 subscriber", t1, "msg/s", cpu_fig(res, wall),
-                        got == nt, "%d msgs to %s..., 1 subscriber; received %d"
-                        % (nt, tname[:30], got)))
+                        got == nt, "%d msgs of 100 B to a %d-char topic name, 1 subscriber "
+                        "(auto); msgs / (first SEND -> last receive), median of %d; %s; "
+                        "received %d" % (nt, len(tname) - 7, k, rates(r2), got)))
         # queue, 100k subscriptions held on other queues
         with Holders(port, conns, per,
                      lambda i: lambda j: "/queue/%s-other-c%02d-%07d" % (base, i, j),
                      headers=[("ack", "client-individual")]) as h:
-            q2, got, res, wall = measure_queue(port, "/queue/%s-q2" % base, nq, timeout=tmo)
-            figs.append(fig(case, "queue: 1 subscriber + %d subs on other queues" % nsubs, q2,
+            (q2, got, res, wall), r3 = median_run(k, lambda: q_run("q2"))
+            figs.append(fig(case, "queue: 1 subscriber, %d subs on other queues" % nsubs, q2,
                             "msg/s", cpu_fig(res, wall), got == nq,
-                            "%s than with none; the %d subscriptions took %.1f s; received %d"
-                            % (ratio_note(q1, q2), nsubs, h.wall, got)))
-            figs.append(fig(case, "ratio queue 1 sub / with %d on other queues" % nsubs,
-                            q1 / q2, "x", {}, True, "time per SEND, relative"))
+                            "%d connections x %d subscriptions held (subscribed in %.1f s); "
+                            "median of %d; %s; received %d"
+                            % (conns, per, h.wall, k, rates(r3), got)))
+        figs.append(fig(case, "queue SEND cost: %d subs on other queues / none" % nsubs,
+                        q1 / q2, "x", {}, True, "time per message relative to the 1-subscriber "
+                        "row (O(log subscribers) of its own queue: should be ~1)"))
         # topic, 100k unrelated prefix subscriptions of 40 different lengths
         with Holders(port, conns, per,
                      lambda i: lambda j: "/topic/u%02d%s%07d*" % (i, "z" * (j % 40), j),
                      headers=[("ack", "auto")]) as h:
             tname2 = "/topic/%s-t2-%s" % (base, "n" * 40)
-            t2, got, res, wall = measure_topic(port, tname2, nt, timeout=tmo)
-            figs.append(fig(case, "topic: 1 subscriber + %d unrelated prefix subs" % nsubs, t2,
+            (t2, got, res, wall), r4 = median_run(k, lambda: t_run(tname2))
+            figs.append(fig(case, "topic: 1 subscriber, %d unrelated prefix subs" % nsubs, t2,
                             "msg/s", cpu_fig(res, wall), got == nt,
-                            "%s than with none; prefixes /topic/uNN<z x 0..39>NNNNNNN* "
-                            "(40 lengths, all <= the topic name's); subscribing took %.1f s; "
-                            "received %d" % (ratio_note(t1, t2), h.wall, got)))
-            figs.append(fig(case, "ratio topic 1 sub / with %d prefix subs" % nsubs, t1 / t2,
-                            "x", {}, True, "time per SEND, relative (O(subscribers + prefix "
-                            "lengths))"))
+                            "prefixes /topic/uNN<0-39 z>NNNNNNN* (40 distinct lengths, all "
+                            "shorter than the topic name, so each SEND looks all 40 up); "
+                            "subscribed in %.1f s; median of %d; %s; received %d"
+                            % (h.wall, k, rates(r4), got)))
+        figs.append(fig(case, "topic SEND cost: %d unrelated prefix subs / none" % nsubs,
+                        t1 / t2, "x", {}, True, "time per message relative to the "
+                        "1-subscriber row (O(subscribers + prefix lengths): a small constant)"))
         # queue, 20 connections x 1 subscription, then x per subscriptions on the same queue
-        q3, got, res, wall = measure_queue(port, "/queue/%s-q3" % base, nq, consumers=conns,
-                                           timeout=tmo)
+        (q3, got, res, wall), r5 = median_run(k, lambda: q_run("q3", consumers=conns))
         figs.append(fig(case, "queue: %d consumers x 1 sub (prefetch 100)" % conns, q3,
                         "msg/s", cpu_fig(res, wall), got == nq,
-                        "baseline for the next row; received %d" % got))
-        t_sub = time.monotonic()
-        q4, got, res, wall = measure_queue(port, "/queue/%s-q4" % base, nq, consumers=conns,
-                                           subs=per, prefetch=1, timeout=tmo + nsubs / 1000.0)
+                        "baseline for the next row; median of %d; %s; received %d"
+                        % (k, rates(r5), got)))
+        (q4, got, res, wall), r6 = median_run(
+            k, lambda: q_run("q4", consumers=conns, subs=per, prefetch=1))
         used = sum(r.get("subs_used", 0) for r in res[:-1])
         figs.append(fig(case, "queue: %d subs on it (%d x %d, prefetch 1)" % (nsubs, conns, per),
                         q4, "msg/s", cpu_fig(res, wall), got == nq,
-                        "%s than 1 subscriber, %s than %d x 1; %d distinct subscriptions got "
-                        "messages; case took %.1f s with the SUBSCRIBEs; received %d"
-                        % (ratio_note(q1, q4), ratio_note(q3, q4), conns, used,
-                           time.monotonic() - t_sub, got)))
-        figs.append(fig(case, "ratio queue 1 sub / %d subs on it" % nsubs, q1 / q4, "x", {},
-                        True, "time per SEND+delivery, relative (vs %d x 1: %.2fx)"
+                        "%d consumer connections x %d subscriptions to the one queue, "
+                        "client-individual, ACK each; %d distinct subscriptions got messages; "
+                        "median of %d (fresh queue and subscriptions each run, SUBSCRIBEs not "
+                        "timed); %s; received %d" % (conns, per, used, k, rates(r6), got)))
+        figs.append(fig(case, "queue SEND cost: %d subs on it / 1 sub" % nsubs, q1 / q4, "x",
+                        {}, True, "time per message relative to the 1-subscriber row; relative "
+                        "to %d x 1 subscription: %.2fx (O(log subscribers): a small constant)"
                         % (conns, q3 / q4)))
-        left = [lg.control_count(HOST, port, "/queue/%s-q%d" % (base, i)) for i in (1, 2, 3, 4)]
-        if any(v != 0 for v in left):
-            figs.append(fig(case, "messages left in the measured queues", None, "", {}, False,
-                            "count-msgs q1..q4: %s" % left))
+        left = [lg.control_count(HOST, port, "/queue/%s-%s-%d" % (base, t, i))
+                for i, t in enumerate(["q1"] * k + ["q2"] * k + ["q3"] * k + ["q4"] * k, 1)]
+        figs.append(fig(case, "messages left in the measured queues", sum(v for v in left if isinstance(v, int)), "msgs", {},
+                        all(v == 0 for v in left), "count-msgs on all %d: %s"
+                        % (len(left), summarize(left, 0))))
     except (BenchError, OSError) as e:
         figs.append(fail_fig(case, e, br))
     return br.finish(case, figs)
@@ -992,8 +1034,10 @@ def main(argv=None):
     ap.add_argument("--backlog", type=int, default=5000000, help="messages in `backlog`")
     ap.add_argument("--cost-subs", type=int, default=100000,
                     help="other subscriptions in `costs`")
-    ap.add_argument("--cost-msgs", type=int, default=50000,
+    ap.add_argument("--cost-msgs", type=int, default=100000,
                     help="queue messages per `costs` measurement (topic: twice that)")
+    ap.add_argument("--cost-repeat", type=int, default=3,
+                    help="runs per `costs` measurement (the median is shown)")
     ap.add_argument("--sample", type=int, default=1000, help="names checked with /control/")
     ap.add_argument("--flush-wait", type=float, default=3.0,
                     help="seconds to wait after the `queues` fill before measuring RSS")
