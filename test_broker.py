@@ -1084,6 +1084,43 @@ def test_a_thousand_stored_messages_are_all_delivered_after_a_restart(broker, qn
     assert c.count_msgs(qname) == 0
 
 
+def _read_acking(c, n, batch=100, limit=60.0):
+    """Read n messages of a client-mode subscription, ACKing (cumulatively) every `batch`."""
+    got = []
+    deadline = time.monotonic() + limit
+    while len(got) < n:
+        m = c.message(timeout=max(0.1, deadline - time.monotonic()))
+        got.append(m)
+        if len(got) % batch == 0 or len(got) == n:
+            c.ack(m)
+    return got
+
+
+@pytest.mark.parametrize("stored_first", [False, True], ids=["live", "stored"])
+def test_a_long_backlog_streams_in_order_and_a_late_urgent_message_jumps_it(broker, qname, stored_first):
+    n = 2600                                  # longer than the broker can sensibly keep in a window
+    c = broker.client()
+    p = broker.client()
+    if not stored_first:
+        c.subscribe(f"/queue/{qname}", ack="client", prefetch=100)
+    for i in range(0, n, 200):
+        p.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}"}, f"m{j}")
+                            for j in range(i, i + 200)))
+    barrier(p)
+    if stored_first:
+        c.subscribe(f"/queue/{qname}", ack="client", prefetch=100)
+    first = c.messages(100)
+    p.send(f"/queue/{qname}", "urgent", priority=9)
+    c.ack(first[-1])
+    rest = _read_acking(c, n + 1 - 100)
+    bodies = [m.body.decode() for m in first + rest]
+    assert bodies[:100] == [f"m{i}" for i in range(100)]
+    assert bodies[100] == "urgent"
+    assert bodies[101:] == [f"m{i}" for i in range(100, n)]
+    c.expect_nothing()
+    assert p.count_msgs(qname) == 0
+
+
 def test_unreceipted_sends_reach_disk_at_the_flush_period(start_broker, qname):
     b = start_broker("-flush-period", "0.2")
     c = b.client()
