@@ -1275,20 +1275,25 @@ class Reactor:
         while not self.stopping:
             timeout = self.run_due_timers()
             self.flush_outboxes()
-            for key, events in self.selector.select(timeout):
-                if key.data == "listener":
-                    self.accept()
-                elif key.data == "wakeup":
-                    self.drain_wakeup()
-                else:
-                    client = key.data
-                    if events & selectors.EVENT_READ:
-                        self.read(client)
-                    if events & selectors.EVENT_WRITE:
-                        self.write(client)
+            self.handle_events(timeout)
+            if broker.store.batch:        # a disk sync is due: let more SENDs join it first
+                self.handle_events(0)
             broker.end_of_turn()
             self.flush_outboxes()
         self.stop()
+
+    def handle_events(self, timeout):
+        for key, events in self.selector.select(timeout):
+            if key.data == "listener":
+                self.accept()
+            elif key.data == "wakeup":
+                self.drain_wakeup()
+            else:
+                client = key.data
+                if events & selectors.EVENT_READ:
+                    self.read(client)
+                if events & selectors.EVENT_WRITE:
+                    self.write(client)
 
     def accept(self):
         for _ in range(256):
