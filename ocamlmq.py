@@ -1274,7 +1274,8 @@ class Reactor:
         broker = self.broker
         while not self.stopping:
             timeout = self.run_due_timers()
-            self.flush_outboxes()
+            if broker.written:            # output is waiting: do not sleep before writing it
+                timeout = 0
             self.handle_events(timeout)
             if broker.store.batch:        # a disk sync is due: let more SENDs join it first
                 self.handle_events(0)
@@ -1292,8 +1293,8 @@ class Reactor:
                 client = key.data
                 if events & selectors.EVENT_READ:
                     self.read(client)
-                if events & selectors.EVENT_WRITE:
-                    self.write(client)
+                if events & selectors.EVENT_WRITE:   # written after the turn's commit
+                    self.broker.written.add(client)
 
     def accept(self):
         for _ in range(256):
@@ -1327,6 +1328,8 @@ class Reactor:
         self.broker.data_received(client, self.read_view[:size])
 
     def flush_outboxes(self):
+        """Write every outbox that got bytes; what writing causes (auto-ACKs make room for more
+        deliveries) is written in the next turn, so that one busy client cannot starve others."""
         written, self.broker.written = self.broker.written, set()
         for client in written:
             self.write(client)
