@@ -362,6 +362,7 @@ class MessageStore:
         self.batch = []
         self.cache = {}
         self._write(msgs)
+        self.unwritten = {}       # empty now; a new dict gives back what a million queues took
 
     def _write(self, msgs):
         """One transaction for `msgs` and the pending deletes. On failure, whatever was not
