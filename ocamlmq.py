@@ -1143,6 +1143,10 @@ class Broker:
         client.auto_acked = []
         for sub in list(client.subscriptions.values()):
             self.unsubscribe(sub)
+        # Python dicts keep their size when emptied; give back what a million entries took.
+        for index in ("queues", "topics", "prefixes"):
+            if not getattr(self, index):
+                setattr(self, index, {})
 
     # ---- timers ---------------------------------------------------------------------------------
 
