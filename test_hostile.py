@@ -255,7 +255,7 @@ def assert_rejected(broker, qname, version, data, expect_receipt_id=None):
     if version is not None:
         c.connect(version)
     send_frames_ignoring_close(c, data)
-    err = error_then_close(c.expect_closed(timeout=8), connecting=version is None)
+    err = error_then_close(c.expect_closed(timeout=6), connecting=version is None)
     if expect_receipt_id is not None:
         assert err.get("receipt-id") == expect_receipt_id, err
 
@@ -330,7 +330,7 @@ def test_many_hostile_connections_at_once_leave_the_others_alone(stored_broker, 
     honest.send(f"/queue/{qname}-honest", b"during")
     for kind, version, c in hostile:
         try:
-            error_then_close(c.expect_closed(timeout=8), connecting=version is None)
+            error_then_close(c.expect_closed(timeout=6), connecting=version is None)
         except AssertionError as e:
             raise AssertionError(f"{kind}: {e}") from None
     m = honest.message()
