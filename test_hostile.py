@@ -19,7 +19,6 @@ lines (pytest -s).
 
 import os
 import random
-import re
 import resource
 import signal
 import socket
@@ -29,9 +28,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from conftest import Broker, Closed, Client, HOST, encode_frame
+from conftest import Closed, Client, HOST, encode_frame
 
 MiB = 1024 * 1024
 
