@@ -28,6 +28,7 @@ import threading
 import time
 
 import pytest
+
 from conftest import Closed, Client, HOST, encode_frame
 
 MiB = 1024 * 1024
