@@ -892,6 +892,34 @@ def test_custom_headers_survive_a_restart(broker, qname, how):
     _assert_custom_headers(m)
 
 
+def test_a_sender_cannot_forge_the_brokers_message_headers(broker, qname):
+    c = broker.client("1.2")
+    sid = c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "x", headers={"message-id": "forged", "subscription": "forged",
+                                            "ack": "forged", "redelivered": "true"})
+    m = c.message()
+    assert m["message-id"] != "forged"
+    assert m["subscription"] == sid
+    assert m["ack"] == m["message-id"]
+    assert m.get("redelivered") != "true", "a first delivery claims to be redelivered"
+    c.ack(m)
+    assert c.count_msgs(qname) == 0
+
+
+def test_a_1_0_subscriber_gets_no_injected_headers(broker, qname):
+    sub = broker.client("1.0")
+    sub.subscribe(f"/queue/{qname}")
+    c = broker.client("1.2")
+    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-evil:a\\nforged:1\\n\\nbody\nreceipt:r1\n\nreal\x00"
+               .encode())
+    c.receipt("r1")
+    m = sub.message()
+    assert "forged" not in m, m
+    assert "x-evil" in m
+    assert m.body == b"real"
+    sub.expect_nothing(0.2)
+
+
 @pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
 @pytest.mark.parametrize("ack", ["auto", "client", "client-individual"])
 def test_message_has_message_id_destination_subscription_and_content_length(broker, qname, version, ack):
