@@ -105,7 +105,8 @@ def encode_frame(command, headers, body=None, version="1.2"):
     lines = [command]
     for name, value in headers:
         value = str(value)
-        lines.append(f"{name}:{value.translate(table) if table else value}")
+        lines.append(f"{name.translate(table)}:{value.translate(table)}" if table
+                     else f"{name}:{value}")
     if body is not None:
         lines.append(f"content-length:{len(body)}")
     head = ("\n".join(lines) + "\n\n").encode()
@@ -145,6 +146,8 @@ class FrameParser:
             self._skip_eols()
             if not buf:
                 return None
+            if buf[0] == 0:
+                raise ProtocolError("empty frame: NUL where a command was expected")
             end, sep = self._find_head_end()
             if end < 0:
                 return None
@@ -201,7 +204,7 @@ class FrameParser:
             raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
         if self.newlines > self.max_headers + 1:
             raise ProtocolError(f"more than {self.max_headers} headers")
-        if len(buf) - buf.rfind(b"\n") > self.max_line:
+        if len(buf) - buf.rfind(b"\n") - 1 - buf.endswith(b"\r") > self.max_line:
             raise ProtocolError(f"header line longer than {self.max_line} bytes")
         return -1, 0
 
@@ -217,7 +220,8 @@ class FrameParser:
         lines.pop()                              # what follows the last EOL: nothing
         if len(lines) - 1 > self.max_headers:
             raise ProtocolError(f"more than {self.max_headers} headers")
-        if len(head) > self.max_line and max(map(len, lines)) > self.max_line:
+        if len(head) > self.max_line and max(
+                len(line) - line.endswith(b"\r") for line in head.split(b"\n")) > self.max_line:
             raise ProtocolError(f"header line longer than {self.max_line} bytes")
         command = lines[0]
         trim = self.version == "1.0" or command in ("CONNECT", "STOMP")
@@ -312,6 +316,7 @@ class MessageStore:
         self.backend = backend
         self.StorageError = storage_error
         self.cache = {}           # id -> Message saved without a receipt, not yet written
+        self.cached_bytes = 0     # size of the bodies in the cache
         self.batch = []           # messages saved with a receipt this turn
         self.deletes = []         # ids of ACKed messages whose rows are to be deleted
         self.applied = []         # deletes sent into the open transaction, not yet committed
@@ -326,6 +331,7 @@ class MessageStore:
         else:
             msg.state = CACHED
             self.cache[msg.id] = msg
+            self.cached_bytes += len(msg.body)
         self.unwritten[msg.queue] = self.unwritten.get(msg.queue, 0) + 1
 
     def ack(self, msg):
@@ -336,6 +342,7 @@ class MessageStore:
             return
         if state is not BATCHED:
             del self.cache[msg.id]
+            self.cached_bytes -= len(msg.body)
         msg.state = ACKED         # a batched message is skipped when the batch is written
         self._forget_unwritten(msg.queue)
 
@@ -361,6 +368,7 @@ class MessageStore:
         msgs = self.batch + list(self.cache.values())
         self.batch = []
         self.cache = {}
+        self.cached_bytes = 0
         self._write(msgs)
         self.unwritten = {}       # empty now; a new dict gives back what a million queues took
 
@@ -379,6 +387,7 @@ class MessageStore:
                 if msg.state is not ACKED:
                     msg.state = RETRY
                     self.cache[msg.id] = msg
+                    self.cached_bytes += len(msg.body)
             raise
         self.healthy = True
         self.applied = []
@@ -418,8 +427,9 @@ class MessageStore:
             self._failed()
             raise
 
-    def cached(self):
-        return len(self.cache)
+    def over(self, max_messages, max_bytes):
+        """Whether the cache holds more than it should before a flush."""
+        return len(self.cache) > max_messages or self.cached_bytes > max_bytes
 
     def close(self):
         self.flush()
@@ -532,9 +542,11 @@ class Queue:
     are not in memory; every message in memory sorts at or before it, so reading on from the
     cursor never fetches a message twice. Otherwise every stored message of the queue is in
     memory (in the heap or delivered), so any new one can join the heap."""
-    __slots__ = ("name", "subscribers", "ready", "heap", "backlog_on_disk", "cursor")
+    __slots__ = ("name", "subscribers", "ready", "heap", "heap_bytes", "backlog_on_disk",
+                 "cursor")
 
-    WINDOW = 2000                 # messages held in memory before new ones are left on disk
+    WINDOW = 2000                 # messages (and body bytes, below) held in memory before new
+    WINDOW_BYTES = 8 * 1024 * 1024    # ones are left on disk
     START = (-2 ** 63, 0)         # a key before every message
 
     def __init__(self, name):
@@ -542,6 +554,7 @@ class Queue:
         self.subscribers = 0
         self.ready = None         # ring of subscriptions with room; the head is served next
         self.heap = None          # made when the first message arrives
+        self.heap_bytes = 0
         self.backlog_on_disk = True
         self.cursor = Queue.START
 
@@ -558,6 +571,7 @@ class Broker:
     connection_lost and end_of_turn; everything else happens in the command handlers below."""
 
     HIGH_WATER = 1024 * 1024      # pause queue deliveries to a client above this much unsent
+    MAX_CACHED_BYTES = 64 * 1024 * 1024   # flush the cache past this, whatever -maxmsgs says
     FETCH_BATCH = 500
     CONNECT_DEADLINE = 10.0
 
@@ -652,7 +666,7 @@ class Broker:
                 del client.outbox[mark:]
                 self.fail(client, "message could not be stored: storage unavailable")
         self.awaiting_sync.clear()
-        if self.store.cached() > self.maxmsgs:
+        if self.store.over(self.maxmsgs, self.MAX_CACHED_BYTES):
             self.flush()
 
     # ---- sending to clients ----------------------------------------------------------------
@@ -746,7 +760,7 @@ class Broker:
     def negotiate_heartbeat(self, client, value):
         """The client's cx,cy becomes our sx=cy, sy=cx (each 0, or at least 100 ms)."""
         try:
-            cx, cy = (int(v) for v in (value or "0,0").split(","))
+            cx, cy = (int(v) for v in ("0,0" if value is None else value).split(","))
             if cx < 0 or cy < 0:
                 raise ValueError
         except ValueError:
@@ -1000,7 +1014,8 @@ class Broker:
         heap = queue.heap
         if heap is None:
             heap = queue.heap = []
-        elif not queue.backlog_on_disk and len(heap) >= Queue.WINDOW:
+        elif not queue.backlog_on_disk and (len(heap) >= Queue.WINDOW
+                                            or queue.heap_bytes >= Queue.WINDOW_BYTES):
             queue.backlog_on_disk = True
         if queue.backlog_on_disk:
             if key > queue.cursor:
@@ -1008,6 +1023,7 @@ class Broker:
         elif key > queue.cursor:
             queue.cursor = key
         heapq.heappush(heap, (msg.rank, msg.id, msg))
+        queue.heap_bytes += len(msg.body)
 
     def next_message(self, queue):
         """Pop the queue's next message, reading the next batch from the store when needed."""
@@ -1022,10 +1038,15 @@ class Broker:
                 return None
             if msgs:
                 heap = queue.heap = [(msg.rank, msg.id, msg) for msg in msgs]  # sorted: a heap
+                queue.heap_bytes = sum(len(msg.body) for msg in msgs)
                 queue.cursor = heap[-1][:2]
             if len(msgs) < self.FETCH_BATCH:
                 queue.backlog_on_disk = False
-        return heapq.heappop(heap)[2] if heap else None
+        if not heap:
+            return None
+        msg = heapq.heappop(heap)[2]
+        queue.heap_bytes -= len(msg.body)
+        return msg
 
     def dispatch(self, queue):
         """Hand the queue's messages to its ready subscriptions, round-robin."""
