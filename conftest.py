@@ -9,8 +9,14 @@ The tests are black-box: every test starts the real broker (`python3 ocamlmq.py 
   header wins, content-length honoured, EOL heart-beats counted).  Frames that arrive while a test
   waits for something else (e.g. a MESSAGE before an awaited RECEIPT) are kept in a backlog and
   handed out by the next `recv`/`wait_for`, so tests do not depend on incidental interleaving.
-- The `broker` fixture is parametrized by `backend`; today only "sqlite".  A PostgreSQL backend is
-  added by extending BACKENDS and `Broker.storage_args`.
+- The `broker` fixture is parametrized by `backend`: "sqlite" for every test, and "pg" as well for
+  the tests marked `@pytest.mark.both_backends` (queue delivery, durability, restarts, control
+  destinations).  The pg runs share one throwaway PostgreSQL cluster (pgserver.py), started the
+  first time a pg test needs it and stopped at the end of the session; every Broker gets a fresh
+  database of its own in it, which its restarts reuse.  Without PostgreSQL (server binaries or
+  psycopg2) the pg runs skip, unless OCAMLMQ_REQUIRE_PG=1 (as in CI), which makes them fail.
+- `@pytest.mark.slow` tests (long variants) are skipped unless selected with `-m slow` (or
+  OCAMLMQ_SLOW=1).
 """
 
 import collections
@@ -29,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BROKER = os.path.join(HERE, "ocamlmq.py")
 HOST = "127.0.0.1"
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "pg"]     # "pg" only for tests marked both_backends
+REQUIRE_PG = os.environ.get("OCAMLMQ_REQUIRE_PG") == "1"
 
 START_TIMEOUT = 10.0   # seconds for the broker to accept connections
 STOP_TIMEOUT = 10.0    # seconds for SIGTERM to end it before SIGKILL
@@ -40,7 +47,31 @@ DEFAULT_FLAGS = {"-flush-period": "0.2"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (still always run)")
+    config.addinivalue_line("markers", "slow: a long variant, skipped unless selected with -m slow "
+                                       "(or OCAMLMQ_SLOW=1)")
+    config.addinivalue_line("markers", "both_backends: run against sqlite and PostgreSQL "
+                                       "(the `backend` fixture gets both params)")
+
+
+def pytest_generate_tests(metafunc):
+    """`backend` is "sqlite" for every test, and "sqlite" and "pg" for tests marked both_backends."""
+    if "backend" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("both_backends") is not None
+        metafunc.parametrize("backend", BACKENDS if both else BACKENDS[:1], indirect=True)
+
+
+def slow_selected(config):
+    return ("slow" in (config.getoption("markexpr", "") or "")
+            or os.environ.get("OCAMLMQ_SLOW") == "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if slow_selected(config):
+        return
+    skip = pytest.mark.skip(reason="long test: run with -m slow (or OCAMLMQ_SLOW=1)")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 def free_port():
@@ -63,9 +94,10 @@ class Broker:
     """One broker process bound to one port and one database; restartable on both."""
 
     def __init__(self, tmp_path, backend="sqlite", flags=(), name="broker", port=None,
-                 soft_nofile=None):
+                 soft_nofile=None, conninfo=None):
         self.tmp_path = tmp_path
         self.backend = backend
+        self.conninfo = conninfo          # pg: libpq conninfo of this broker's database
         self.flags = list(flags)
         self.name = name
         self.auto_port = port is None
@@ -86,6 +118,9 @@ class Broker:
     def storage_args(self):
         if self.backend == "sqlite":
             return [self.db]
+        if self.backend == "pg":
+            assert self.conninfo is not None, "a pg Broker needs a conninfo"
+            return ["-pg", self.conninfo]
         raise NotImplementedError(f"backend {self.backend!r}")
 
     def argv(self):
@@ -663,20 +698,96 @@ class Client:
 # Fixtures
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(params=BACKENDS)
+# --- PostgreSQL: one cluster per session, one database per broker -------------------------
+
+def pg_unavailable(reason):
+    """Skip a PostgreSQL test, or fail it when OCAMLMQ_REQUIRE_PG=1 (as in CI)."""
+    if REQUIRE_PG:
+        pytest.fail(f"{reason}, and OCAMLMQ_REQUIRE_PG=1 requires the PostgreSQL tests",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The session's throwaway PostgreSQL cluster (pgserver.Cluster), started on first use."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pg_unavailable("psycopg2 is not installed (pip install -r requirements.txt)")
+    import pgserver
+    if not pgserver.available():
+        pg_unavailable(f"no PostgreSQL server binaries (initdb, pg_ctl) under {pgserver.PG_ROOT}"
+                       " nor on PATH")
+    c = pgserver.Cluster()
+    yield c
+    c.destroy()
+
+
+_dbs = itertools.count(1)
+
+
+def create_database(cluster, connect_timeout=5):
+    """CREATE DATABASE with a fresh name in `cluster` (started again if a test stopped it);
+    returns (name, conninfo)."""
+    import psycopg2
+    if not cluster.running:
+        cluster.start()
+    name = f"t{os.getpid()}_{next(_dbs)}"
+    admin = psycopg2.connect(cluster.conninfo)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+    finally:
+        admin.close()
+    return name, (f"host=127.0.0.1 port={cluster.port} user=postgres dbname={name}"
+                  f" connect_timeout={connect_timeout}")
+
+
+def drop_database(cluster, name):
+    """Best effort: the cluster goes away at the end of the session anyway."""
+    import psycopg2
+    if not cluster.running:
+        return
+    try:
+        admin = psycopg2.connect(cluster.conninfo)
+    except psycopg2.Error:
+        return
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    except psycopg2.Error:
+        pass
+    finally:
+        admin.close()
+
+
+@pytest.fixture
 def backend(request):
+    """"sqlite" or "pg" (see pytest_generate_tests); "pg" skips without PostgreSQL."""
+    if request.param == "pg":
+        request.getfixturevalue("cluster")
     return request.param
 
 
 @pytest.fixture
 def start_broker(tmp_path, backend, request):
-    """Factory: start_broker("-flag", "value", ...) -> a running Broker; all are stopped at teardown."""
+    """Factory: start_broker("-flag", "value", ...) -> a running Broker; all are stopped at teardown.
+    Each broker has its own database (a file in tmp_path, or a fresh PostgreSQL database)."""
     brokers = []
+    databases = []
     request.node._ocamlmq_brokers = brokers
+    pg_cluster = request.getfixturevalue("cluster") if backend == "pg" else None
 
     def start(*flags, name=None, port=None, soft_nofile=None):
+        conninfo = None
+        if pg_cluster is not None:
+            dbname, conninfo = create_database(pg_cluster)
+            databases.append(dbname)
         b = Broker(tmp_path, backend, flags, name=name or f"broker{len(brokers) + 1}", port=port,
-                   soft_nofile=soft_nofile)
+                   soft_nofile=soft_nofile, conninfo=conninfo)
         brokers.append(b)
         return b.start()
 
@@ -686,6 +797,8 @@ def start_broker(tmp_path, backend, request):
         b.stop()
         if "Traceback" in b.stderr():
             tracebacks.append(b)
+    for dbname in databases:
+        drop_database(pg_cluster, dbname)
     if tracebacks:
         pytest.fail("broker wrote a traceback to stderr:\n" + tracebacks[0].stderr()[-3000:],
                     pytrace=False)

@@ -692,12 +692,12 @@ class Broker:
         that fails, it is replaced by an ERROR (see end_of_turn)."""
         self.awaiting_sync.setdefault(client, len(client.outbox))
 
-    def fail(self, client, message, frame=None):
+    def fail(self, client, message, frame=None, **extra):
         """The one place that answers a client's mistake: ERROR, then close, and release."""
         if client.closing:
             return
         log.info("%s: ERROR %s", client.session, message)
-        headers = [("message", message)]
+        headers = [("message", message), *extra.items()]
         if frame is not None and "receipt" in frame.headers:
             headers.append(("receipt-id", frame.headers["receipt"]))
         client.closing = True
@@ -722,16 +722,12 @@ class Broker:
         if tx is not None and handler in self.TRANSACTIONAL:
             if tx not in client.transactions:
                 raise ClientError(f"unknown transaction {tx[:40]!r}")
-            self.check(client, frame, handler)
+            if handler is Broker.cmd_send:
+                self.parse_send(frame)    # refuse a bad SEND now: COMMIT must not fail halfway
             client.transactions[tx].append((handler, frame))
             self.receipt(client, frame)
             return
         handler(self, client, frame)
-
-    def check(self, client, frame, handler):
-        """Validate a frame taken into a transaction now, so that COMMIT cannot fail halfway."""
-        if handler is Broker.cmd_send:
-            self.parse_send(frame)
 
     def cmd_connect(self, client, frame):
         if client.connected:
@@ -740,10 +736,8 @@ class Broker:
         accepted = h.get("accept-version", "1.0").split(",")
         common = [v for v in VERSIONS if v in (a.strip() for a in accepted)]
         if not common:
-            self.send_frame(client, "ERROR", [("version", ",".join(VERSIONS)),
-                                              ("message", "no common protocol version")],
-                            b"Supported protocol versions are " + ",".join(VERSIONS).encode())
-            self.close(client)
+            self.fail(client, f"no common protocol version; this broker speaks "
+                              f"{','.join(VERSIONS)}", version=",".join(VERSIONS))
             return
         if self.login is not None and (h.get("login") != self.login
                                        or h.get("passcode") != self.passcode):
@@ -779,7 +773,7 @@ class Broker:
         """('queue'|'topic'|'control', name) from a destination, or a ClientError."""
         if destination is None:
             raise ClientError("missing destination header")
-        kind, _, name = destination.lstrip("/").partition("/")
+        kind, _, name = destination[1:].partition("/")
         if not destination.startswith("/") or kind not in ("queue", "topic", "control") \
                 or not name:
             raise ClientError(f"unknown destination {destination[:100]!r}")

@@ -124,6 +124,7 @@ def test_signal_stops_the_broker_with_exit_0(broker, sig, qname):
     assert broker.terminate(sig) == 0, broker.stderr()
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_flushes_unreceipted_messages_to_disk(start_broker, qname, sig):
     b = start_broker("-flush-period", "600")
@@ -601,6 +602,7 @@ def test_a_receipt_never_overtakes_an_earlier_error(broker, qname):
     assert all(f.get("receipt-id") != "third" for f in frames), frames
 
 
+@pytest.mark.both_backends
 def test_count_msgs_receipt_after_queue_sends_counts_them(broker, qname):
     c = broker.client()
     for i in range(3):
@@ -692,7 +694,6 @@ def test_second_connect_is_an_error(broker):
     c.expect_error()
 
 
-@pytest.mark.slow
 def test_connect_must_complete_within_10_seconds(broker):
     silent = broker.raw_client()
     trickle = broker.raw_client()
@@ -743,6 +744,7 @@ def test_outgoing_frames_end_with_nul_then_newline(broker, qname, version):
 # §4 Destinations
 # ============================================================================================
 
+@pytest.mark.both_backends
 def test_queue_message_goes_to_exactly_one_subscriber(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}")
@@ -754,6 +756,7 @@ def test_queue_message_goes_to_exactly_one_subscriber(broker, qname):
     b.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_queue_message_is_stored_until_a_subscriber_comes(broker, qname):
     broker.client().send(f"/queue/{qname}", "waiting")
     c = broker.client()
@@ -839,6 +842,7 @@ def test_missing_destination_is_an_error(broker, command):
 # §5 SEND
 # ============================================================================================
 
+@pytest.mark.both_backends
 def test_higher_priority_is_delivered_first_fifo_within_a_priority(broker, qname):
     c = broker.client()
     sent = [("a", 0), ("b", 5), ("c", -3), ("d", 5), ("e", 0), ("f", 10), ("g", -3), ("h", None),
@@ -850,6 +854,7 @@ def test_higher_priority_is_delivered_first_fifo_within_a_priority(broker, qname
     assert got == ["f", "b", "d", "a", "e", "h", "c", "g", "i"]
 
 
+@pytest.mark.both_backends
 def test_fifo_order_within_default_priority(broker, qname):
     c = broker.client()
     for i in range(30):
@@ -876,6 +881,7 @@ def test_custom_headers_are_delivered_on_message(broker, qname, kind):
     _assert_custom_headers(c.message())
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("how", ["clean", "kill9"])
 def test_custom_headers_survive_a_restart(broker, qname, how):
     c = broker.client()
@@ -945,6 +951,7 @@ def test_message_ids_are_distinct(broker, qname):
     assert len(set(ids)) == 10
 
 
+@pytest.mark.both_backends
 def test_redelivered_message_has_redelivered_true_and_the_same_message_id(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -957,6 +964,7 @@ def test_redelivered_message_has_redelivered_true_and_the_same_message_id(broker
     assert m2.body == b"again"
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("how", ["clean", "kill9"])
 def test_message_id_is_kept_across_a_restart(broker, qname, how):
     c = broker.client()
@@ -993,6 +1001,7 @@ def test_a_one_megabyte_binary_body_works(broker, qname, kind):
     assert m.body == body
 
 
+@pytest.mark.both_backends
 def test_receipted_queue_send_survives_kill_9(broker, qname):
     c = broker.client()
     c.send(f"/queue/{qname}", "durable", headers={"x-k": "v"})
@@ -1005,6 +1014,7 @@ def test_receipted_queue_send_survives_kill_9(broker, qname):
     assert m["x-k"] == "v"
 
 
+@pytest.mark.both_backends
 def test_many_receipted_sends_pipelined_survive_kill_9(broker, qname):
     c = broker.client()
     c.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": f"p{i}"},
@@ -1019,6 +1029,7 @@ def test_many_receipted_sends_pipelined_survive_kill_9(broker, qname):
     assert [m.body for m in c.messages(50)] == [f"m{i}".encode() for i in range(50)]
 
 
+@pytest.mark.both_backends
 def test_every_receipted_send_survives_a_kill_9_in_mid_stream(broker, qname):
     c = broker.client()
     n = 400
@@ -1044,6 +1055,7 @@ def test_every_receipted_send_survives_a_kill_9_in_mid_stream(broker, qname):
     assert not missing, f"receipted but lost after kill -9: {sorted(missing)[:10]}"
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("how", ["clean", "kill9"])
 def test_priority_order_survives_a_restart(broker, qname, how):
     c = broker.client()
@@ -1059,6 +1071,7 @@ def test_priority_order_survives_a_restart(broker, qname, how):
     assert [m.body for m in c.messages(5)] == [b"b", b"d", b"e", b"a", b"c"]
 
 
+@pytest.mark.both_backends
 def test_queue_names_and_bodies_are_kept_exactly_across_a_restart(broker):
     names = ["with space", "ünïcödé-名前", "a.b/c", "x" * 200]
     c = broker.client()
@@ -1077,6 +1090,7 @@ def test_queue_names_and_bodies_are_kept_exactly_across_a_restart(broker):
     assert c.message().body == b""
 
 
+@pytest.mark.both_backends
 def test_a_backlog_split_between_disk_and_cache_is_delivered_in_order(start_broker, qname):
     b = start_broker("-maxmsgs", "10", "-flush-period", "600", "-max-prefetch", "1000")
     c = b.client()
@@ -1093,6 +1107,7 @@ def test_a_backlog_split_between_disk_and_cache_is_delivered_in_order(start_brok
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_a_thousand_stored_messages_are_all_delivered_after_a_restart(broker, qname):
     c = broker.client()
     c.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}"}, f"m{i}")
@@ -1124,6 +1139,7 @@ def _read_acking(c, n, batch=100, limit=60.0):
     return got
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("stored_first", [False, True], ids=["live", "stored"])
 def test_a_long_backlog_streams_in_order_and_a_late_urgent_message_jumps_it(broker, qname, stored_first):
     n = 2600                                  # longer than the broker can sensibly keep in a window
@@ -1149,6 +1165,7 @@ def test_a_long_backlog_streams_in_order_and_a_late_urgent_message_jumps_it(brok
     assert p.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_unreceipted_sends_reach_disk_at_the_flush_period(start_broker, qname):
     b = start_broker("-flush-period", "0.2")
     c = b.client()
@@ -1163,6 +1180,7 @@ def test_unreceipted_sends_reach_disk_at_the_flush_period(start_broker, qname):
     assert [m.body for m in c.messages(3)] == [b"m0", b"m1", b"m2"]
 
 
+@pytest.mark.both_backends
 def test_unreceipted_sends_reach_disk_when_more_than_maxmsgs_are_cached(start_broker, qname):
     b = start_broker("-flush-period", "600", "-maxmsgs", "5")
     c = b.client()
@@ -1177,6 +1195,7 @@ def test_unreceipted_sends_reach_disk_when_more_than_maxmsgs_are_cached(start_br
     assert 6 <= n <= 10, n
 
 
+@pytest.mark.both_backends
 def test_a_receipted_cumulative_ack_is_durable(broker, qname):
     c = broker.client()
     for i in range(5):
@@ -1193,6 +1212,7 @@ def test_a_receipted_cumulative_ack_is_durable(broker, qname):
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_every_receipt_sent_before_sigterm_is_kept(broker, qname):
     c = broker.client()
     n = 300
@@ -1216,6 +1236,7 @@ def test_every_receipt_sent_before_sigterm_is_kept(broker, qname):
     assert not missing, f"receipted but lost after SIGTERM: {sorted(missing)[:10]}"
 
 
+@pytest.mark.both_backends
 def test_acked_message_is_not_redelivered_after_kill_9(broker, qname):
     c = broker.client()
     c.send(f"/queue/{qname}", "one")
@@ -1231,6 +1252,7 @@ def test_acked_message_is_not_redelivered_after_kill_9(broker, qname):
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_auto_acked_message_is_not_redelivered_after_a_clean_restart(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}")
@@ -1243,6 +1265,7 @@ def test_auto_acked_message_is_not_redelivered_after_a_clean_restart(broker, qna
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_message_sent_and_acked_before_a_flush_is_gone_after_restart(start_broker, qname):
     b = start_broker("-flush-period", "600")
     c = b.client()
@@ -1315,6 +1338,7 @@ def test_unsubscribe_by_id(broker, qname, version):
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_prefetch_limits_unacked_messages(broker, qname):
     c = broker.client()
     for i in range(5):
@@ -1349,6 +1373,7 @@ def test_prefetch_applies_to_queue_not_topic_messages(broker, qname):
     assert [m.body for m in c.messages(3)] == [b"t0", b"t1", b"t2"]
 
 
+@pytest.mark.both_backends
 def test_cumulative_ack_frees_every_prefetch_slot_it_acks(broker, qname):
     c = broker.client()
     for i in range(6):
@@ -1361,6 +1386,7 @@ def test_cumulative_ack_frees_every_prefetch_slot_it_acks(broker, qname):
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_ready_subscriptions_are_served_round_robin(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1375,6 +1401,7 @@ def test_ready_subscriptions_are_served_round_robin(broker, qname):
     assert sorted(per.values()) == [5, 5], per
 
 
+@pytest.mark.both_backends
 def test_a_full_subscription_is_skipped(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=1)
@@ -1388,6 +1415,7 @@ def test_a_full_subscription_is_skipped(broker, qname):
     a.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_stored_messages_are_delivered_at_subscribe_in_priority_order(broker, qname):
     c = broker.client()
     for body, prio in (("low", 1), ("high", 9), ("mid", 5)):
@@ -1421,6 +1449,7 @@ def test_topic_message_is_delivered_once_per_matching_subscription(broker, qname
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_two_queue_subscriptions_on_one_connection_share_the_queue(broker, qname):
     c = broker.client()
     s1 = c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1432,6 +1461,7 @@ def test_two_queue_subscriptions_on_one_connection_share_the_queue(broker, qname
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_unsubscribe_returns_unacked_messages_to_the_queue_at_once(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", id="sa", ack="client")
@@ -1485,6 +1515,7 @@ def test_ack_by_id_or_message_id_is_accepted_in_every_version(broker, qname, ver
     d.expect_nothing()
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("version", ["1.1", "1.2"])
 def test_client_mode_ack_is_cumulative_in_1_1_and_later(broker, qname, version):
     c = broker.client(version)
@@ -1501,6 +1532,7 @@ def test_client_mode_ack_is_cumulative_in_1_1_and_later(broker, qname, version):
     d.expect_nothing()
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("version,ack", [("1.0", "client"), ("1.0", "client-individual"),
                                          ("1.1", "client-individual"), ("1.2", "client-individual")])
 def test_ack_acknowledges_one_message_in_client_individual_and_1_0_client_mode(broker, qname, version, ack):
@@ -1529,6 +1561,7 @@ def test_ack_of_an_unknown_id_is_ignored_but_receipted(broker, qname, version):
     assert c.count_msgs(qname) == 1
 
 
+@pytest.mark.both_backends
 def test_a_connection_cannot_ack_another_connections_delivery(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1540,6 +1573,7 @@ def test_a_connection_cannot_ack_another_connections_delivery(broker, qname):
     assert b.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_auto_mode_counts_a_delivered_message_as_acked(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="auto")
@@ -1552,6 +1586,7 @@ def test_auto_mode_counts_a_delivered_message_as_acked(broker, qname):
     d.expect_nothing()
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("version", ["1.1", "1.2"])
 def test_nack_returns_the_message_for_redelivery(broker, qname, version):
     c = broker.client(version)
@@ -1566,6 +1601,7 @@ def test_nack_returns_the_message_for_redelivery(broker, qname, version):
     assert c.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_nack_in_client_mode_is_cumulative(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client")
@@ -1579,6 +1615,7 @@ def test_nack_in_client_mode_is_cumulative(broker, qname):
     c.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_ack_after_the_delivery_was_taken_back_is_ignored(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", id="sa", ack="client-individual")
@@ -1591,6 +1628,7 @@ def test_ack_after_the_delivery_was_taken_back_is_ignored(broker, qname):
     assert b.message()["message-id"] == m1["message-id"]
 
 
+@pytest.mark.both_backends
 def test_ack_timeout_sends_the_message_to_another_subscriber(broker, qname):
     a, b, p = broker.client(), broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1607,6 +1645,7 @@ def test_ack_timeout_sends_the_message_to_another_subscriber(broker, qname):
     assert p.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_ack_timeout_redelivers_to_the_same_subscriber_when_it_is_the_only_one(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1617,6 +1656,7 @@ def test_ack_timeout_redelivers_to_the_same_subscriber_when_it_is_the_only_one(b
     assert m2["redelivered"] == "true"
 
 
+@pytest.mark.both_backends
 def test_a_message_acked_within_its_ack_timeout_is_not_redelivered(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1626,6 +1666,7 @@ def test_a_message_acked_within_its_ack_timeout_is_not_redelivered(broker, qname
     assert c.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_ack_timeout_applies_again_after_a_redelivery(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1634,6 +1675,7 @@ def test_ack_timeout_applies_again_after_a_redelivery(broker, qname):
     assert len(ids) == 1
 
 
+@pytest.mark.both_backends
 def test_a_returned_message_keeps_its_priority(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=1)
@@ -1654,6 +1696,7 @@ def test_ack_of_a_topic_message_is_harmless(broker, qname):
     assert c.message().body == b"t2"
 
 
+@pytest.mark.both_backends
 def test_without_ack_timeout_the_broker_waits_for_the_ack(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1664,6 +1707,7 @@ def test_without_ack_timeout_the_broker_waits_for_the_ack(broker, qname):
     b.expect_nothing(0.1)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("how", ["disconnect", "close", "reset", "error", "heart-beat-loss"])
 def test_a_closed_connections_unacked_messages_go_to_other_subscribers_at_once(broker, qname, how):
     a = broker.client(heart_beat="1000,0" if how == "heart-beat-loss" else "0,0")
@@ -1688,6 +1732,7 @@ def test_a_closed_connections_unacked_messages_go_to_other_subscribers_at_once(b
     assert all(m["redelivered"] == "true" for m in got)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("how", ["clean", "kill9"])
 def test_a_restart_redelivers_every_unacked_message(broker, qname, how):
     c = broker.client()
@@ -1710,6 +1755,7 @@ def test_a_restart_redelivers_every_unacked_message(broker, qname, how):
 
 # --- transactions -----------------------------------------------------------------------------
 
+@pytest.mark.both_backends
 def test_transactional_sends_take_effect_at_commit(broker, qname):
     sub = broker.client()
     sub.subscribe(f"/queue/{qname}")
@@ -1727,6 +1773,7 @@ def test_transactional_sends_take_effect_at_commit(broker, qname):
     assert tsub.message().body == b"t"
 
 
+@pytest.mark.both_backends
 def test_abort_discards_transactional_sends(broker, qname):
     sub = broker.client()
     sub.subscribe(f"/queue/{qname}")
@@ -1739,6 +1786,7 @@ def test_abort_discards_transactional_sends(broker, qname):
     sub.expect_nothing()
 
 
+@pytest.mark.both_backends
 def test_transactional_ack_takes_effect_at_commit(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1751,6 +1799,7 @@ def test_transactional_ack_takes_effect_at_commit(broker, qname):
     assert c.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_aborted_transactional_ack_is_discarded(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1765,6 +1814,7 @@ def test_aborted_transactional_ack_is_discarded(broker, qname):
     assert c.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_transactional_nack_takes_effect_at_commit(broker, qname):
     c = broker.client()
     c.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1778,6 +1828,7 @@ def test_transactional_nack_takes_effect_at_commit(broker, qname):
     assert again["message-id"] == m["message-id"]
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("how", ["disconnect", "close", "reset"])
 def test_disconnect_or_drop_discards_an_open_transaction(broker, qname, how):
     sub = broker.client()
@@ -1795,6 +1846,7 @@ def test_disconnect_or_drop_discards_an_open_transaction(broker, qname, how):
     assert sub.count_msgs(qname) == 0
 
 
+@pytest.mark.both_backends
 def test_disconnect_with_a_pending_transactional_ack_returns_the_message(broker, qname):
     a, b = broker.client(), broker.client()
     a.subscribe(f"/queue/{qname}", ack="client-individual")
@@ -1808,6 +1860,7 @@ def test_disconnect_with_a_pending_transactional_ack_returns_the_message(broker,
     assert again["message-id"] == m["message-id"]
 
 
+@pytest.mark.both_backends
 def test_commit_receipt_means_the_transactions_sends_are_durable(broker, qname):
     c = broker.client()
     c.begin("t1")
@@ -1868,6 +1921,7 @@ def test_another_connections_transaction_id_is_unknown(broker):
 # §8 Control destinations
 # ============================================================================================
 
+@pytest.mark.both_backends
 def test_count_msgs_counts_stored_unacked_messages_including_in_flight(broker, qname):
     c = broker.client()
     assert c.count_msgs(qname) == 0
@@ -1881,6 +1935,7 @@ def test_count_msgs_counts_stored_unacked_messages_including_in_flight(broker, q
     assert c.count_msgs(qname) == 2
 
 
+@pytest.mark.both_backends
 def test_count_msgs_is_per_queue(broker, qname):
     c = broker.client()
     c.send(f"/queue/{qname}a", "x")
@@ -1890,6 +1945,7 @@ def test_count_msgs_is_per_queue(broker, qname):
     assert c.count_msgs(f"{qname}ab") == 2
 
 
+@pytest.mark.both_backends
 def test_count_subscribers_of_a_queue_counts_each_subscription(broker, qname):
     a, b = broker.client(), broker.client()
     assert a.count_subscribers(f"/queue/{qname}") == 0
@@ -1906,6 +1962,7 @@ def test_count_subscribers_of_a_queue_counts_each_subscription(broker, qname):
     assert wait_until(lambda: a.count_subscribers(f"/queue/{qname}") == 1)
 
 
+@pytest.mark.both_backends
 def test_count_subscribers_of_a_topic_includes_matching_prefix_subscriptions(broker, qname):
     c = broker.client()
     c.subscribe(f"/topic/{qname}.a")
@@ -1920,6 +1977,7 @@ def test_count_subscribers_of_a_topic_includes_matching_prefix_subscriptions(bro
     assert c.count_subscribers(f"/topic/{qname}x") == 0
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("dest", ["/control/count-msgs/queue/{q}", "/control/count-subscribers/queue/{q}",
                                   "/control/count-subscribers/topic/{q}"])
 def test_control_without_receipt_returns_nothing(broker, qname, dest):
@@ -1929,6 +1987,7 @@ def test_control_without_receipt_returns_nothing(broker, qname, dest):
     c.send(f"/topic/{qname}", "still open")
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("dest", ["/control/bogus/queue/{q}", "/control/count-everything",
                                   "/control/", "/control/count-msgs/elsewhere/{q}"])
 def test_unknown_control_name_is_an_error(broker, qname, dest):
@@ -2154,7 +2213,6 @@ def test_a_connection_over_max_pending_gets_error_and_is_closed(start_broker, qn
     p.send(f"/topic/{qname}", "producer unaffected")
 
 
-@pytest.mark.slow
 def test_the_broker_raises_its_open_file_limit_and_serves_many_connections(start_broker, qname):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

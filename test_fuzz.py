@@ -10,8 +10,8 @@
    every reply is well-formed (an ERROR has a `message` and is the last frame before the
    close), and the honest client loses nothing.
 
-The long variants carry the `slow` marker (see test_hostile.py): `python3 -m pytest -m slow
-test_fuzz.py`.  Examples run are printed as `[figures]` lines (pytest -s).
+The long variants carry the `slow` marker, which conftest.py skips unless selected: `python3 -m
+pytest -m slow test_fuzz.py` (or OCAMLMQ_SLOW=1).  Examples run are printed as `[figures]` lines (pytest -s).
 """
 
 import random
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import conftest
 from conftest import Closed, ProtocolViolation
 from ocamlmq import FrameParser, ProtocolError, encode_frame
-from test_hostile import _skip_slow_unless_selected, report  # noqa: F401  (autouse fixture)
+from test_hostile import report
 
 DEFAULT_EXAMPLES = 300
 SLOW_EXAMPLES = 5000

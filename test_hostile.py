@@ -12,8 +12,8 @@ Every test starts the real broker (conftest.py) and talks to it over sockets:
 
 Fuzzing, of the codec in-process and of the broker over sockets, is in test_fuzz.py.
 
-Long variants carry the `slow` marker and are skipped unless selected: `python3 -m pytest -m slow
-test_hostile.py test_fuzz.py` (or OCAMLMQ_SLOW=1).  Measured figures are printed as `[figures]`
+Long variants carry the `slow` marker, which conftest.py skips unless selected: `python3 -m pytest
+-m slow test_hostile.py test_fuzz.py` (or OCAMLMQ_SLOW=1).  Measured figures are printed as `[figures]`
 lines (pytest -s).
 """
 
@@ -32,17 +32,6 @@ import pytest
 from conftest import Closed, Client, HOST, encode_frame
 
 MiB = 1024 * 1024
-
-
-def slow_selected(config):
-    return "slow" in (config.getoption("markexpr", "") or "") or os.environ.get("OCAMLMQ_SLOW") == "1"
-
-
-@pytest.fixture(autouse=True)
-def _skip_slow_unless_selected(request):
-    """conftest registers `slow` for tests that always run; here `slow` means long, run apart."""
-    if request.node.get_closest_marker("slow") and not slow_selected(request.config):
-        pytest.skip("long test: run with -m slow (or OCAMLMQ_SLOW=1)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ which turns the skip into a failure. Each test gets a database of its own in one
 """
 
 import functools
-import itertools
 import os
 import subprocess
 import sys
@@ -20,54 +19,27 @@ import time
 
 import pytest
 
-import pgserver
 import storage_pg
-from conftest import BROKER, Broker, encode_frame, free_port
-
-REQUIRE_PG = os.environ.get("OCAMLMQ_REQUIRE_PG") == "1"
+from conftest import (BROKER, Broker, create_database, drop_database, encode_frame, free_port,
+                      pg_unavailable)
 
 try:
     import psycopg2
 except ImportError:
     psycopg2 = None
 
-
-def _unavailable(reason):
-    if REQUIRE_PG:
-        pytest.fail(f"{reason}, and OCAMLMQ_REQUIRE_PG=1 requires the PostgreSQL tests",
-                    pytrace=False)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    if psycopg2 is None:
-        _unavailable("psycopg2 is not installed (pip install -r requirements.txt)")
-    if not pgserver.available():
-        _unavailable(f"no PostgreSQL server binaries (initdb, pg_ctl) under {pgserver.PG_ROOT}"
-                     " nor on PATH")
-    c = pgserver.Cluster()
-    yield c
-    c.destroy()
-
-
-_dbs = itertools.count(1)
+# The session's cluster is conftest's `cluster` fixture (shared with the both_backends tests of
+# test_broker.py); it skips, or fails under OCAMLMQ_REQUIRE_PG=1, without PostgreSQL.
 
 
 @pytest.fixture
 def pg(cluster):
     """conninfo of a fresh database of its own; the server runs again after the test."""
+    name, conninfo = create_database(cluster, connect_timeout=2)
+    yield conninfo
     if not cluster.running:
         cluster.start()
-    name = f"t{next(_dbs)}"
-    admin = psycopg2.connect(cluster.conninfo)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    yield f"host=127.0.0.1 port={cluster.port} user=postgres dbname={name} connect_timeout=2"
-    if not cluster.running:
-        cluster.start()
+    drop_database(cluster, name)
 
 
 @pytest.fixture
@@ -276,7 +248,7 @@ def test_conninfo_may_be_a_uri_or_come_from_pg_variables(cluster, pg, backends, 
 
 def test_unreachable_server_is_a_one_line_storage_error():
     if psycopg2 is None:
-        _unavailable("psycopg2 is not installed (pip install -r requirements.txt)")
+        pg_unavailable("psycopg2 is not installed (pip install -r requirements.txt)")
     port = free_port()
     t0 = time.monotonic()
     with pytest.raises(storage_pg.StorageError) as err:
@@ -376,11 +348,7 @@ def broker_has_pg():
 
 class PgBroker(Broker):
     def __init__(self, tmp_path, conninfo, flags=(), name="pgbroker"):
-        super().__init__(tmp_path, "pg", flags, name=name)
-        self.conninfo = conninfo
-
-    def storage_args(self):
-        return ["-pg", self.conninfo]
+        super().__init__(tmp_path, "pg", flags, name=name, conninfo=conninfo)
 
 
 @pytest.fixture
