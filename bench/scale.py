@@ -1046,6 +1046,14 @@ def print_table(figs, out=sys.stdout):
     out.flush()
 
 
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[:3]
+    except OSError:
+        return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1092,9 +1100,12 @@ def main(argv=None):
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": rn.git_rev(),
             "python": platform.python_version(), "cpus": os.cpu_count(), "scale": args.scale,
             "cases": cases, "elapsed_s": round(time.monotonic() - t_start, 1),
-            "tmp_fs": rn.fs_type("/tmp"), "argv": sys.argv[1:] if argv is None else argv}
-    print("ocamlmq.py scale benchmarks: scale %g; git %s; %s CPUs; python %s; %.0f s"
-          % (args.scale, meta["git"], meta["cpus"], meta["python"], meta["elapsed_s"]))
+            "tmp_fs": rn.fs_type("/tmp"), "argv": sys.argv[1:] if argv is None else argv,
+            "loadavg_end": loadavg()}
+    print("ocamlmq.py scale benchmarks: scale %g; git %s; %s CPUs; python %s; %.0f s; "
+          "load average at the end %s (other work on the machine moves the rates)"
+          % (args.scale, meta["git"], meta["cpus"], meta["python"], meta["elapsed_s"],
+             " ".join(meta["loadavg_end"] or ["?"])))
     print()
     print_table(figures)
     if args.json:
