@@ -1092,7 +1092,10 @@ def main(argv=None):
     figures = []
     for c in cases:
         t0 = time.monotonic()
-        figs = CASES[c](args)
+        try:
+            figs = CASES[c](args)
+        except (BenchError, OSError) as e:          # e.g. the broker did not start
+            figs = [fail_fig(c, e, None)]
         figures += figs
         print("# %s: %.1f s%s" % (c, time.monotonic() - t0,
                                   "" if all(f["ok"] for f in figs) else "  (FAIL)"),
