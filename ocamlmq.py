@@ -1248,7 +1248,7 @@ class Reactor:
     one send call each (more only if the kernel takes less)."""
 
     READ_SIZE = 256 * 1024
-    GATHER = 0.0002
+    GATHER = 0.0005
     CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
 
     def __init__(self, listener, clock=time.monotonic):
