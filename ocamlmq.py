@@ -905,8 +905,7 @@ class Broker:
             queues.add(self.requeue(sub, msg))
             self.make_ready(sub, dispatch=False)
         for queue in queues:
-            if queue is not None:
-                self.dispatch(queue)
+            self.dispatch(queue)
         self.receipt(client, frame)
 
     def acked_messages(self, client, frame):
@@ -948,15 +947,16 @@ class Broker:
         tx = self.transaction_id(frame)
         if tx not in client.transactions:
             raise ClientError(f"unknown transaction {tx[:40]!r}")
-        durable = "receipt" in frame.headers
+        durable = "receipt" in frame.headers       # then the whole COMMIT is synced first
         for handler, inner in client.transactions.pop(tx):
-            inner.headers.pop("receipt", None)
+            inner.headers.pop("receipt", None)      # answered when taken into the transaction
             if handler is Broker.cmd_send:
                 handler(self, client, inner, durable=durable)
-                if durable:
-                    self.hold_until_synced(client)
             else:
                 handler(self, client, inner)
+        if durable:
+            self.store.sync_wanted = True
+            self.hold_until_synced(client)
         self.receipt(client, frame)
 
     def cmd_abort(self, client, frame):
