@@ -1244,11 +1244,11 @@ class Reactor:
     """Accept connections, read frames into the broker, write outboxes, run timers.
 
     Each turn: run the due timers, wait on the sockets until the next timer, hand what was read
-    to the broker, let the broker commit its durable batch, then write every touched outbox with
-    one send call each (more only if the kernel takes less)."""
+    to the broker, let the broker commit its durable batch (see gather_commit), then write every
+    touched outbox with one send call each (more only if the kernel takes less)."""
 
     READ_SIZE = 256 * 1024
-    GATHER = 0.0005
+    GATHER = 0.0005               # longest wait for more SENDs to share a disk sync
     CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
 
     def __init__(self, listener, clock=time.monotonic):
@@ -1289,7 +1289,10 @@ class Reactor:
                 return deadline - now
             heapq.heappop(timers)
             timer.fired = True
-            timer.callback(*timer.args)
+            try:
+                timer.callback(*timer.args)
+            except Exception:     # a bug of ours: log it and keep serving
+                log.exception("internal error in timer %s", timer.callback.__name__)
         return None
 
     def run(self):
