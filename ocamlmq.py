@@ -198,14 +198,23 @@ class FrameParser:
             return lf + 1, 1
         if crlf >= 0:
             return crlf + 1, 2
-        self.newlines += buf.count(b"\n", self.scanned)
-        self.scanned = len(buf)
         if len(buf) > self.max_frame_size:
             raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
-        if self.newlines > self.max_headers + 1:
-            raise ProtocolError(f"more than {self.max_headers} headers")
-        if len(buf) - buf.rfind(b"\n") - 1 - buf.endswith(b"\r") > self.max_line:
-            raise ProtocolError(f"header line longer than {self.max_line} bytes")
+        # The head is incomplete: check the lines that arrived since the last call, so that the
+        # limits hold the same whether a head arrives whole or in pieces.
+        line_start = buf.rfind(b"\n", 0, self.scanned) + 1
+        while True:
+            eol = buf.find(b"\n", max(line_start, self.scanned))
+            end = len(buf) if eol < 0 else eol
+            if end - line_start - (buf[end - 1] == 13 if end > line_start else 0) > self.max_line:
+                raise ProtocolError(f"header line longer than {self.max_line} bytes")
+            if eol < 0:
+                break
+            self.newlines += 1
+            if self.newlines > self.max_headers + 1:
+                raise ProtocolError(f"more than {self.max_headers} headers")
+            line_start = eol + 1
+        self.scanned = len(buf)
         return -1, 0
 
     def _parse_head(self, head):
