@@ -128,34 +128,42 @@ class FrameParser:
         self.max_line = max_line
         self.version = "1.0"
         self.buffer = bytearray()
+        self.pos = 0              # where the pending frame starts; what is before it is done
         self.scanned = 0          # bytes of the pending frame already searched
         self.newlines = 0         # EOLs seen in the pending frame's head so far
-        self.head = None          # (command, headers, body_start, content_length) once parsed
+        self.head = None          # (command, headers, content_length, body offset) once parsed
 
     def feed(self, data):
+        if self.pos:              # drop the frames already taken: once per feed, not per frame
+            del self.buffer[:self.pos]
+            self.pos = 0
         self.buffer += data
 
+    def pending(self):
+        """The bytes held for frames not yet complete."""
+        return self.buffer[self.pos:]
+
     def buffered(self):
-        """Bytes held for frames not yet complete (beyond heart-beat EOLs)."""
-        return len(self.buffer)
+        return len(self.buffer) - self.pos
 
     def next_frame(self):
         """The next complete frame, or None until more bytes arrive."""
         buf = self.buffer
         if self.head is None:
             self._skip_eols()
-            if not buf:
+            if self.pos == len(buf):
                 return None
-            if buf[0] == 0:
+            if buf[self.pos] == 0:
                 raise ProtocolError("empty frame: NUL where a command was expected")
-            end, sep = self._find_head_end()
+            end = self._find_head_end()
             if end < 0:
                 return None
-            self.head = self._parse_head(bytes(buf[:end])) + (end + sep,)
-            self.scanned = end + sep
-        command, headers, length, body_start = self.head
+            self.head = self._parse_head(bytes(buf[self.pos:end])) + (end - self.pos,)
+            self.scanned = end - self.pos
+        command, headers, length, body_offset = self.head
+        body_start = self.pos + body_offset
         if length is not None:
-            if body_start + length > self.max_frame_size:
+            if body_offset + length > self.max_frame_size:
                 raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
             if len(buf) < body_start + length + 1:
                 return None
@@ -163,48 +171,48 @@ class FrameParser:
                 raise ProtocolError("frame body does not end with NUL where content-length says")
             body_end = body_start + length
         else:
-            body_end = buf.find(0, self.scanned)
+            body_end = buf.find(0, self.pos + self.scanned)
             if body_end < 0:
-                self.scanned = len(buf)
-                if len(buf) > self.max_frame_size:
-                    raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
-                return None
-            if body_end > self.max_frame_size:
+                self.scanned = len(buf) - self.pos
+                body_end = len(buf)
+            if body_end - self.pos > self.max_frame_size:
                 raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
+            if body_end == len(buf):
+                return None
         body = bytes(buf[body_start:body_end])
-        del buf[:body_end + 1]
+        self.pos = body_end + 1
         self.head = None
         self.scanned = self.newlines = 0
         return Frame(command, headers, body)
 
     def _skip_eols(self):
-        """Drop the EOLs before a frame: heart-beats, or the EOL that ends each frame."""
+        """Step over the EOLs before a frame: heart-beats, or the EOL that ends each frame."""
         buf = self.buffer
-        i = 0
+        i = self.pos
         n = len(buf)
         while i < n and (buf[i] == 10 or (buf[i] == 13 and i + 1 < n and buf[i + 1] == 10)):
             i += 1
-        if i:
-            del buf[:i]
+        if i != self.pos:
+            self.pos = i
             self.scanned = self.newlines = 0
 
     def _find_head_end(self):
-        """Where the header block ends: (index of its blank line's EOL, its length) or (-1, 0)."""
-        buf = self.buffer
-        start = max(0, self.scanned - 3)
+        """Where the body starts, after the blank line that ends the head; -1 if not yet here."""
+        buf, pos = self.buffer, self.pos
+        start = pos + max(0, self.scanned - 3)
         lf = buf.find(b"\n\n", start)
         crlf = buf.find(b"\n\r\n", start, lf + 2 if lf >= 0 else len(buf))
         if lf >= 0 and (crlf < 0 or lf < crlf):
-            return lf + 1, 1
+            return lf + 2
         if crlf >= 0:
-            return crlf + 1, 2
-        if len(buf) > self.max_frame_size:
+            return crlf + 3
+        if len(buf) - pos > self.max_frame_size:
             raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
         # The head is incomplete: check the lines that arrived since the last call, so that the
         # limits hold the same whether a head arrives whole or in pieces.
-        line_start = buf.rfind(b"\n", 0, self.scanned) + 1
+        line_start = max(pos, buf.rfind(b"\n", pos, pos + self.scanned) + 1)
         while True:
-            eol = buf.find(b"\n", max(line_start, self.scanned))
+            eol = buf.find(b"\n", max(line_start, pos + self.scanned))
             end = len(buf) if eol < 0 else eol
             if end - line_start - (buf[end - 1] == 13 if end > line_start else 0) > self.max_line:
                 raise ProtocolError(f"header line longer than {self.max_line} bytes")
@@ -214,8 +222,8 @@ class FrameParser:
             if self.newlines > self.max_headers + 1:
                 raise ProtocolError(f"more than {self.max_headers} headers")
             line_start = eol + 1
-        self.scanned = len(buf)
-        return -1, 0
+        self.scanned = len(buf) - pos
+        return -1
 
     def _parse_head(self, head):
         """(command, headers, content_length) from the command line and header lines."""
@@ -226,7 +234,7 @@ class FrameParser:
         if "\r" in text:
             text = text.replace("\r\n", "\n")
         lines = text.split("\n")
-        lines.pop()                              # what follows the last EOL: nothing
+        del lines[-2:]                           # the blank line that ends the head
         if len(lines) - 1 > self.max_headers:
             raise ProtocolError(f"more than {self.max_headers} headers")
         if len(head) > self.max_line and max(
