@@ -289,8 +289,8 @@ class Message:
         self.tails = None             # encoded headers and body, per version, for topic fan-out
 
     def row(self):
-        return (self.id, self.queue, self.rank, self.ack_timeout, json.dumps(self.headers),
-                self.body)
+        headers = json.dumps(self.headers) if self.headers else "[]"
+        return (self.id, self.queue, self.rank, self.ack_timeout, headers, self.body)
 
     @classmethod
     def from_row(cls, queue, row):
@@ -656,6 +656,8 @@ class Broker:
     def output_written(self, client):
         """The reactor wrote some of the outbox. Auto-ack what is fully written; resume queue
         deliveries once the outbox is below the high-water mark."""
+        if not client.auto_acked and not client.paused:
+            return
         touched = set()
         if not client.outbox and client.auto_acked:
             acked, client.auto_acked = client.auto_acked, []
@@ -1276,6 +1278,7 @@ class Reactor:
         self.sequence = 0
         self.sockets = {}         # Client -> socket
         self.draining = set()     # closing clients given CLOSE_GRACE to drain their outbox
+        self.waiting_to_write = set()   # clients whose socket is watched for room to write
         self.last_synced = 0      # clients whose receipts waited for the last disk sync
         self.read_buffer = bytearray(self.READ_SIZE)
         self.read_view = memoryview(self.read_buffer)
@@ -1408,17 +1411,22 @@ class Reactor:
         if client.closing and not outbox:
             self.close(client)
             return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if outbox else 0)
         if client.closing:            # stop reading; give the outbox a little time to drain
-            want = selectors.EVENT_WRITE
             if client not in self.draining:
                 self.draining.add(client)
+                self.selector.modify(sock, selectors.EVENT_WRITE, client)
                 self.call_later(self.CLOSE_GRACE, self.close, client)
-        if self.selector.get_key(sock).events != want:
-            self.selector.modify(sock, want, client)
+        elif bool(outbox) != (client in self.waiting_to_write):
+            if outbox:                # the kernel took only part: write the rest when it can
+                self.waiting_to_write.add(client)
+                self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+            else:
+                self.waiting_to_write.discard(client)
+                self.selector.modify(sock, selectors.EVENT_READ, client)
 
     def close(self, client):
         self.draining.discard(client)
+        self.waiting_to_write.discard(client)
         sock = self.sockets.pop(client, None)
         if sock is None:
             return
