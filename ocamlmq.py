@@ -482,27 +482,52 @@ ACK_MODES = {mode: mode for mode in ("auto", "client", "client-individual")}
 
 
 class Subscription:
-    """A client's subscription. `target` is the Queue for a queue subscription, else the topic
-    name or prefix. `next`/`prev` link it into a ring (see ring_add): its topic's subscribers,
-    or its queue's subscriptions that have room for another message. Small on purpose: a broker
-    may hold millions of these."""
-    __slots__ = ("client", "id", "kind", "target", "ack_mode", "prefetch", "unacked",
-                 "next", "prev")
+    """A client's subscription. `next`/`prev` link it into a ring (see ring_add): its topic's
+    subscribers, or its queue's subscriptions that have room for another message. Small on
+    purpose: a broker may hold millions of these, so each kind is a subclass that carries only
+    the slots it needs, and `kind` is a class attribute."""
+    __slots__ = ("client", "id", "target", "ack_mode", "next", "prev")
+    kind = None
 
-    def __init__(self, client, sub_id, kind, target, ack_mode, prefetch):
+    def __init__(self, client, sub_id, target, ack_mode):
         self.client = client
         self.id = sub_id
-        self.kind = kind
         self.target = target
         self.ack_mode = ack_mode
-        self.prefetch = prefetch
-        self.unacked = None       # message-id -> Message delivered and not ACKed, in order
         self.next = self.prev = None
 
+
+class TopicSubscription(Subscription):
+    """A subscription to one topic; `target` is the topic name."""
+    __slots__ = ()
+    kind = TOPIC
+
     def destination(self):
-        if self.kind == QUEUE:
-            return "/queue/" + self.target.name
-        return "/topic/" + self.target + ("*" if self.kind == PREFIX else "")
+        return "/topic/" + self.target
+
+
+class PrefixSubscription(Subscription):
+    """A subscription to every topic whose name starts with `target`."""
+    __slots__ = ()
+    kind = PREFIX
+
+    def destination(self):
+        return "/topic/" + self.target + "*"
+
+
+class QueueSubscription(Subscription):
+    """A subscription to a queue; `target` is the Queue. At most `prefetch` messages are
+    delivered and not yet ACKed at once."""
+    __slots__ = ("prefetch", "unacked")
+    kind = QUEUE
+
+    def __init__(self, client, sub_id, queue, ack_mode, prefetch):
+        super().__init__(client, sub_id, queue, ack_mode)
+        self.prefetch = prefetch
+        self.unacked = None       # message-id -> Message delivered and not ACKed, in order
+
+    def destination(self):
+        return "/queue/" + self.target.name
 
     def has_room(self):
         client = self.client
@@ -879,19 +904,19 @@ class Broker:
             if queue is None:
                 queue = self.queues[name] = Queue(name)
             queue.subscribers += 1
-            sub = Subscription(client, sub_id, QUEUE, queue, ack_mode, prefetch)
+            sub = QueueSubscription(client, sub_id, queue, ack_mode, prefetch)
             client.subscriptions[sub_id] = sub
             self.make_ready(sub)
         elif name.endswith("*"):
             name = name[:-1]
-            sub = client.subscriptions[sub_id] = Subscription(client, sub_id, PREFIX, name,
-                                                              ack_mode, prefetch)
+            sub = client.subscriptions[sub_id] = PrefixSubscription(client, sub_id, name,
+                                                                    ack_mode)
             if name not in self.prefixes:
                 self.prefix_lengths[len(name)] = self.prefix_lengths.get(len(name), 0) + 1
             self.prefixes[name] = ring_add(self.prefixes.get(name), sub)
         else:
-            sub = client.subscriptions[sub_id] = Subscription(client, sub_id, TOPIC, name,
-                                                              ack_mode, prefetch)
+            sub = client.subscriptions[sub_id] = TopicSubscription(client, sub_id, name,
+                                                                   ack_mode)
             self.topics[name] = ring_add(self.topics.get(name), sub)
         self.receipt(client, frame)
 
