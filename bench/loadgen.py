@@ -351,6 +351,7 @@ class WorkerSet:
         self.resq = self.ctx.Queue()
         self.procs = []
         self.results = {}
+        self.values = {}          # kind -> {worker index: value}, for every kind a worker sent
         self.errors = []
 
     def __enter__(self):
@@ -383,12 +384,11 @@ class WorkerSet:
             if k == "error":
                 self.errors.append(val)
                 raise BenchError("worker %d: %s" % (idx, val))
+            self.values.setdefault(k, {})[idx] = val
+            if k == "result":
+                self.results[idx] = val
             if k == kind:
                 got.add(idx)
-                if k == "result":
-                    self.results[idx] = val
-            elif k == "result":
-                self.results[idx] = val
         return got
 
     def wait_ready(self):

@@ -67,33 +67,6 @@ class PhasedSet(lg.WorkerSet):
         super().__init__(specs, opts, timeout, sample)
         self.go = [self.ctx.Event() for _ in range(nphases)]
         self.specs = [(fn, dict(params, go=self.go)) for fn, params in specs]
-        self.values = {}
-
-    def _collect(self, kind, want):
-        got = set()
-        while len(got) < want:
-            if self.sample:
-                self.sample()
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError("timed out waiting for workers (%s: %d of %d)"
-                                 % (kind, len(got), want))
-            try:
-                k, idx, val = self.resq.get(timeout=min(0.05, left))
-            except queue_mod.Empty:
-                dead = [p for p in self.procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise BenchError("worker died with exit code %s" % dead[0].exitcode)
-                continue
-            if k == "error":
-                self.errors.append(val)
-                raise BenchError("worker %d: %s" % (idx, val))
-            self.values.setdefault(k, {})[idx] = val
-            if k == "result":
-                self.results[idx] = val
-            if k == kind:
-                got.add(idx)
-        return got
 
     def phase(self, kind):
         """Wait for every worker's `kind` value; returns them in worker order."""
