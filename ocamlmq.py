@@ -8,7 +8,7 @@ The file reads top to bottom in four layers, each using only the ones above it:
 1. The STOMP codec: bytes in, frames out, and frames to bytes. No sockets.
 2. The broker: clients, subscriptions, queues, topics, acks, transactions and timers, on top of a
    `MessageStore` (an in-memory cache in front of a small storage backend: storage_sqlite.py by
-   default, storage_pg.py with -pg). It talks to a client only by appending bytes to its `outbox`
+   default, storage_pg.py with -pg). It talks to a client only by appending frames to its `outbox`
    and setting its `closing` flag; it asks for timers through the `call_later` it is handed.
 3. The reactor: one thread, `selectors`, non-blocking sockets, a `heapq` of timers.
 4. The command line.
@@ -455,10 +455,14 @@ class MessageStore:
 
 class Client:
     """One connection's broker-side state. The broker appends frames to `outbox` and sets
-    `closing`; the reactor writes the outbox, keeps `last_input`/`last_output`, and closes."""
+    `closing`; the reactor writes the outbox, keeps `last_input`/`last_output`, and closes.
+
+    The outbox is a list of encoded frames, so that the frames not yet begun can be dropped
+    whole (see drop_output); `head_sent` bytes of the first one are already written, and
+    `unsent` counts the bytes still to write."""
     __slots__ = ("session", "peer", "parser", "version", "connected", "closing", "outbox",
-                 "subscriptions", "deliveries", "auto_acked", "transactions", "paused",
-                 "last_input", "last_output", "timers", "__weakref__")
+                 "head_sent", "unsent", "subscriptions", "deliveries", "auto_acked",
+                 "transactions", "paused", "last_input", "last_output", "timers", "__weakref__")
 
     def __init__(self, session, peer, parser):
         self.session = session
@@ -467,7 +471,9 @@ class Client:
         self.version = "1.0"
         self.connected = False
         self.closing = False
-        self.outbox = bytearray()
+        self.outbox = []
+        self.head_sent = 0
+        self.unsent = 0
         self.subscriptions = {}   # subscription id -> Subscription
         self.deliveries = {}      # message-id -> Subscription, for this client's unacked messages
         self.auto_acked = []      # (subscription, message-id) ACKed once the outbox is written
@@ -475,6 +481,31 @@ class Client:
         self.paused = False       # outbox above the high-water mark: no queue deliveries
         self.last_input = self.last_output = 0.0
         self.timers = []
+
+    def output_sent(self, sent):
+        """The reactor wrote `sent` more bytes: drop the frames that are now fully written."""
+        self.unsent -= sent
+        if not self.unsent:
+            self.outbox.clear()
+            self.head_sent = 0
+            return
+        done = self.head_sent + sent
+        count = 0
+        for frame in self.outbox:
+            if done < len(frame):
+                break
+            done -= len(frame)
+            count += 1
+        del self.outbox[:count]
+        self.head_sent = done
+
+    def drop_output(self, keep):
+        """Forget the frames after the first `keep`, except one already begun: a frame is
+        written whole or not at all."""
+        keep = max(keep, 1 if self.head_sent else 0)
+        dropped = self.outbox[keep:]
+        del self.outbox[keep:]
+        self.unsent -= sum(map(len, dropped))
 
 
 QUEUE, TOPIC, PREFIX = "queue", "topic", "prefix"   # Subscription.kind
@@ -636,7 +667,7 @@ class Broker:
         self.next_id = max(store.backend.max_id(), time.time_ns() // 1000) + 1
         self.sessions = 0
         self.written = set()        # clients whose outbox got bytes this turn
-        self.awaiting_sync = {}     # client -> outbox length before its first durable RECEIPT
+        self.awaiting_sync = {}     # client -> frames in its outbox before its first durable RECEIPT
         self.flush_period = flush_period
         call_later(flush_period, self.periodic_flush)
 
@@ -691,7 +722,7 @@ class Broker:
                 if msg is not None:
                     self.store.ack(msg)
                     touched.add(sub)
-        if client.paused and len(client.outbox) < self.HIGH_WATER:
+        if client.paused and client.unsent < self.HIGH_WATER:
             client.paused = False
             touched.update(s for s in client.subscriptions.values() if s.kind == QUEUE)
         for sub in touched:
@@ -707,7 +738,8 @@ class Broker:
             if was_healthy:
                 log.error("storage failed, receipted frames get ERRORs until it is back: %s", e)
             for client, mark in list(self.awaiting_sync.items()):
-                del client.outbox[mark:]
+                client.drop_output(mark)
+                client.closing = False    # an ERROR it got this turn went with those frames
                 self.fail(client, "message could not be stored: storage unavailable")
         self.awaiting_sync.clear()
         if self.store.over(self.maxmsgs, self.MAX_CACHED_BYTES):
@@ -716,12 +748,14 @@ class Broker:
     # ---- sending to clients ----------------------------------------------------------------
 
     def send(self, client, data):
-        client.outbox += data
+        client.outbox.append(data)
+        client.unsent += len(data)
         self.written.add(client)
-        if len(client.outbox) > self.HIGH_WATER:
+        if client.unsent > self.HIGH_WATER:
             client.paused = True
-        if len(client.outbox) > self.max_pending and not client.closing:
-            self.fail(client, "slow consumer: too much unsent output")
+            if client.unsent > self.max_pending and not client.closing:
+                client.drop_output(0)     # it would not read them in time; the ERROR goes next
+                self.fail(client, "slow consumer: too much unsent output")
 
     def send_frame(self, client, command, headers, body=None):
         self.send(client, encode_frame(command, headers, body, client.version))
@@ -734,7 +768,7 @@ class Broker:
     def hold_until_synced(self, client):
         """What the client is sent from here on in this turn depends on the turn's commit: if
         that fails, it is replaced by an ERROR (see end_of_turn)."""
-        self.awaiting_sync.setdefault(client, len(client.outbox))
+        self.awaiting_sync.setdefault(client, len(client.outbox))   # a count of frames
 
     def fail(self, client, message, frame=None, **extra):
         """The one place that answers a client's mistake: ERROR, then close, and release."""
@@ -1289,9 +1323,10 @@ class Reactor:
 
     Each turn: run the due timers, wait on the sockets until the next timer, hand what was read
     to the broker, let the broker commit its durable batch (see gather_commit), then write every
-    touched outbox with one send call each (more only if the kernel takes less)."""
+    touched outbox with one sendmsg call each (more only if the kernel takes less)."""
 
     READ_SIZE = 256 * 1024
+    MAX_BUFFERS = 1024            # frames per sendmsg call (the kernel's IOV_MAX)
     GATHER = 0.0005               # longest wait for more SENDs to share a disk sync
     CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
 
@@ -1422,15 +1457,18 @@ class Reactor:
             return
         outbox = client.outbox
         if outbox:
+            buffers = outbox[:self.MAX_BUFFERS]
+            if client.head_sent:
+                buffers[0] = memoryview(buffers[0])[client.head_sent:]
             try:
-                sent = sock.send(outbox)
+                sent = sock.sendmsg(buffers)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 self.close(client)
                 return
             if sent:
-                del outbox[:sent]
+                client.output_sent(sent)
                 client.last_output = self.clock()
                 self.broker.output_written(client)
         if client.closing and not outbox:

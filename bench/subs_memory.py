@@ -44,7 +44,7 @@ def profile(destination, count, directory):
     before = tracemalloc.take_snapshot()
     for start in range(0, count, 1000):
         broker.data_received(client, b"".join(frames[start:start + 1000]))
-        client.outbox.clear()
+        client.drop_output(0)
     gc.collect()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
