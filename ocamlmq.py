@@ -60,7 +60,12 @@ log = logging.getLogger("ocamlmq")
 # ==============================================================================================
 
 class ProtocolError(Exception):
-    """The peer sent bytes that are not a STOMP frame we accept. The message is for the peer."""
+    """The peer sent bytes that are not a STOMP frame we accept. The message is for the peer;
+    `receipt` is the bad frame's receipt header, when its head could be read."""
+
+    def __init__(self, message, receipt=None):
+        super().__init__(message)
+        self.receipt = receipt
 
 
 class Frame:
@@ -152,6 +157,9 @@ class FrameParser:
         if self.head is None:
             self._skip_eols()
             if self.pos == len(buf):
+                if self.pos:          # all consumed: do not hold the last frame's bytes
+                    buf.clear()
+                    self.pos = 0
                 return None
             if buf[self.pos] == 0:
                 raise ProtocolError("empty frame: NUL where a command was expected")
@@ -164,11 +172,13 @@ class FrameParser:
         body_start = self.pos + body_offset
         if length is not None:
             if body_offset + length > self.max_frame_size:
-                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
+                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes",
+                                    headers.get("receipt"))
             if len(buf) < body_start + length + 1:
                 return None
             if buf[body_start + length] != 0:
-                raise ProtocolError("frame body does not end with NUL where content-length says")
+                raise ProtocolError("frame body does not end with NUL where content-length says",
+                                    headers.get("receipt"))
             body_end = body_start + length
         else:
             body_end = buf.find(0, self.pos + self.scanned)
@@ -176,7 +186,8 @@ class FrameParser:
                 self.scanned = len(buf) - self.pos
                 body_end = len(buf)
             if body_end - self.pos > self.max_frame_size:
-                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
+                raise ProtocolError(f"frame larger than {self.max_frame_size} bytes",
+                                    headers.get("receipt"))
             if body_end == len(buf):
                 return None
         body = bytes(buf[body_start:body_end])
@@ -231,6 +242,8 @@ class FrameParser:
             text = head.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("headers are not valid UTF-8") from None
+        if "\0" in text:
+            raise ProtocolError("NUL byte in the headers")
         if "\r" in text:
             text = text.replace("\r\n", "\n")
         lines = text.split("\n")
@@ -244,6 +257,7 @@ class FrameParser:
         trim = self.version == "1.0" or command in ("CONNECT", "STOMP")
         escaped = not trim and "\\" in text
         headers = {}
+        bad_escape = None
         for line in lines[1:]:
             name, colon, value = line.partition(":")
             if not colon:
@@ -251,13 +265,20 @@ class FrameParser:
             if trim:
                 name, value = name.strip(), value.strip()
             elif escaped:
-                name, value = unescape(name, self.version), unescape(value, self.version)
+                try:
+                    name, value = unescape(name, self.version), unescape(value, self.version)
+                except ProtocolError as e:    # read on, for the receipt to answer
+                    bad_escape = bad_escape or e
+                    continue
             if name not in headers:
                 headers[name] = value
+        if bad_escape:
+            bad_escape.receipt = headers.get("receipt")
+            raise bad_escape
         length = headers.get("content-length")
         if length is not None:
             if not (length.isdigit() and length.isascii()):
-                raise ProtocolError(f"bad content-length {length[:40]!r}")
+                raise ProtocolError(f"bad content-length {length[:40]!r}", headers.get("receipt"))
             length = int(length)
         return command, headers, length
 
@@ -274,7 +295,7 @@ class Message:
     """A queue or topic message. `rank` is minus the priority, so (rank, id) sorts in delivery
     order. `headers` are the client's own SEND headers, passed through to MESSAGE."""
     __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "redelivered",
-                 "state", "tails")
+                 "state", "tails", "timer")
 
     def __init__(self, msg_id, queue, rank, ack_timeout, headers, body, redelivered=False,
                  state=None):
@@ -287,6 +308,7 @@ class Message:
         self.redelivered = redelivered
         self.state = state            # where the store holds it: ON_DISK, CACHED, BATCHED, ...
         self.tails = None             # encoded headers and body, per version, for topic fan-out
+        self.timer = None             # its ack-timeout while it is delivered and not ACKed
 
     def row(self):
         headers = json.dumps(self.headers) if self.headers else "[]"
@@ -339,6 +361,7 @@ class MessageStore:
         self.applied = []         # deletes sent into the open transaction, not yet committed
         self.unwritten = {}       # queue name -> messages of that queue in cache or batch
         self.sync_wanted = False  # a receipted ACK waits for its delete to be durable
+        self.batch_failed = False  # a flush in this turn could not write the durable batch
         self.healthy = True
 
     def save(self, msg, durable):
@@ -371,7 +394,11 @@ class MessageStore:
             del self.unwritten[queue]
 
     def commit(self):
-        """Write the durable batch and the deletes, synced. Raises StorageError."""
+        """Write the durable batch and the deletes, synced. Raises StorageError, also when a
+        flush earlier in the turn failed to write the batch (its receipts must not go out)."""
+        if self.batch_failed:
+            self.batch_failed = False
+            raise self.StorageError("could not write this turn's messages")
         if self.batch or self.sync_wanted:
             self.sync_wanted = False
             batch, self.batch = self.batch, []
@@ -383,10 +410,15 @@ class MessageStore:
         if self.healthy and not (self.cache or self.batch or self.deletes or self.applied):
             return
         msgs = self.batch + list(self.cache.values())
+        had_batch = bool(self.batch)
         self.batch = []
         self.cache = {}
         self.cached_bytes = 0
-        self._write(msgs)
+        try:
+            self._write(msgs)
+        except self.StorageError:
+            self.batch_failed = self.batch_failed or had_batch
+            raise
         self.unwritten = {}       # empty now; a new dict gives back what a million queues took
 
     def _write(self, msgs):
@@ -462,7 +494,8 @@ class Client:
     `unsent` counts the bytes still to write."""
     __slots__ = ("session", "peer", "parser", "version", "connected", "closing", "outbox",
                  "head_sent", "unsent", "subscriptions", "deliveries", "auto_acked",
-                 "transactions", "paused", "last_input", "last_output", "timers", "__weakref__")
+                 "transactions", "transaction_bytes", "paused", "last_input", "last_output",
+                 "timers", "__weakref__")
 
     def __init__(self, session, peer, parser):
         self.session = session
@@ -478,6 +511,7 @@ class Client:
         self.deliveries = {}      # message-id -> Subscription, for this client's unacked messages
         self.auto_acked = []      # (subscription, message-id) ACKed once the outbox is written
         self.transactions = {}    # transaction id -> [(command handler, frame), ...]
+        self.transaction_bytes = 0    # what the frames held in transactions cost, about
         self.paused = False       # outbox above the high-water mark: no queue deliveries
         self.last_input = self.last_output = 0.0
         self.timers = []
@@ -565,6 +599,17 @@ class QueueSubscription(Subscription):
         return (not self.unacked or len(self.unacked) < self.prefetch) \
             and not client.paused and not client.closing
 
+    def settle(self, msg_id):
+        """Take a delivered message out of the unacked ones (ACK, NACK, ack-timeout, end) and
+        cancel its ack-timeout; returns it, or None if it is not (or no longer) unacked."""
+        msg = self.unacked.pop(msg_id, None) if self.unacked else None
+        if msg is not None:
+            self.client.deliveries.pop(msg_id, None)
+            if msg.timer is not None:
+                msg.timer.cancel()
+                msg.timer = None
+        return msg
+
 
 def ring_add(head, sub):
     """Add `sub` at the end of the ring that starts at `head`; returns the ring's head.
@@ -632,6 +677,10 @@ class Queue:
         self.cursor = Queue.START
 
 
+HEART_BEAT = re.compile(r" *([0-9]{1,9}) *, *([0-9]{1,9}) *")   # milliseconds, up to ~11 days
+DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20}")
+
+
 def parse_int(value, what, limit=2 ** 63 - 1):
     """A decimal integer header; beyond +-limit (priorities are stored as 64-bit) is an error."""
     if not re.fullmatch(r"-?[0-9]{1,400}", value) or abs(int(value)) > limit:
@@ -693,7 +742,9 @@ class Broker:
                     return
                 self.handle(client, frame)
                 frame = None
-        except (ProtocolError, ClientError) as e:
+        except ProtocolError as e:
+            self.fail(client, str(e), receipt_id=e.receipt)
+        except ClientError as e:
             self.fail(client, str(e), frame)
         except self.store.StorageError as e:
             log.error("storage failed: %s", e)
@@ -718,7 +769,7 @@ class Broker:
         if not client.outbox and client.auto_acked:
             acked, client.auto_acked = client.auto_acked, []
             for sub, msg_id in acked:
-                msg = sub.unacked and sub.unacked.pop(msg_id, None)
+                msg = sub.settle(msg_id)
                 if msg is not None:
                     self.store.ack(msg)
                     touched.add(sub)
@@ -770,14 +821,17 @@ class Broker:
         that fails, it is replaced by an ERROR (see end_of_turn)."""
         self.awaiting_sync.setdefault(client, len(client.outbox))   # a count of frames
 
-    def fail(self, client, message, frame=None, **extra):
-        """The one place that answers a client's mistake: ERROR, then close, and release."""
+    def fail(self, client, message, frame=None, receipt_id=None, **extra):
+        """The one place that answers a client's mistake: ERROR, then close, and release.
+        The ERROR answers the receipt of the bad `frame` (or `receipt_id`) if it had one."""
         if client.closing:
             return
         log.info("%s: ERROR %s", client.session, message)
         headers = [("message", message), *extra.items()]
-        if frame is not None and "receipt" in frame.headers:
-            headers.append(("receipt-id", frame.headers["receipt"]))
+        if frame is not None:
+            receipt_id = frame.headers.get("receipt")
+        if receipt_id is not None:
+            headers.append(("receipt-id", receipt_id))
         client.closing = True
         self.send_frame(client, "ERROR", headers, message.encode() + b"\n")
         self.close(client)
@@ -802,6 +856,9 @@ class Broker:
                 raise ClientError(f"unknown transaction {tx[:40]!r}")
             if handler is Broker.cmd_send:
                 self.parse_send(frame)    # refuse a bad SEND now: COMMIT must not fail halfway
+            client.transaction_bytes += self.held_cost(frame)
+            if client.transaction_bytes > self.max_pending:
+                raise ClientError("transactions too large: COMMIT or ABORT sooner")
             client.transactions[tx].append((handler, frame))
             self.receipt(client, frame)
             return
@@ -831,12 +888,10 @@ class Broker:
 
     def negotiate_heartbeat(self, client, value):
         """The client's cx,cy becomes our sx=cy, sy=cx (each 0, or at least 100 ms)."""
-        try:
-            cx, cy = (int(v) for v in ("0,0" if value is None else value).split(","))
-            if cx < 0 or cy < 0:
-                raise ValueError
-        except ValueError:
-            raise ClientError(f"bad heart-beat header {value[:40]!r}") from None
+        beats = HEART_BEAT.fullmatch("0,0" if value is None else value)
+        if beats is None:
+            raise ClientError(f"bad heart-beat header {value[:40]!r}")
+        cx, cy = int(beats[1]), int(beats[2])
         send_every = max(cy, 100) if cy else 0
         expect_every = max(cx, 100) if cx else 0
         if send_every:
@@ -866,13 +921,9 @@ class Broker:
         priority = 0 if priority is None else parse_int(priority, "priority")
         ack_timeout = h.get("ack-timeout")
         if ack_timeout is not None:
-            try:
-                ack_timeout = float(ack_timeout)
-            except ValueError:
-                ack_timeout = -1.0
-            if not (math.isfinite(ack_timeout) and ack_timeout >= 0):
-                raise ClientError(f"invalid ack-timeout {h['ack-timeout'][:40]!r}")
-            ack_timeout = ack_timeout or None
+            if not DECIMAL.fullmatch(ack_timeout):
+                raise ClientError(f"invalid ack-timeout {ack_timeout[:40]!r}")
+            ack_timeout = float(ack_timeout) or None
         return kind, name, -priority, ack_timeout
 
     PASSED_HEADERS_EXCLUDED = frozenset(("destination", "receipt", "transaction", "content-length",
@@ -1008,11 +1059,7 @@ class Broker:
                     break
         else:
             ids = [msg_id]
-        settled = []
-        for i in ids:
-            del client.deliveries[i]
-            settled.append((sub, sub.unacked.pop(i)))
-        return settled
+        return [(sub, sub.settle(i)) for i in ids]
 
     def cmd_begin(self, client, frame):
         tx = self.transaction_id(frame)
@@ -1021,12 +1068,23 @@ class Broker:
         client.transactions[tx] = []
         self.receipt(client, frame)
 
+    @staticmethod
+    def held_cost(frame):
+        """About the memory a frame held in a transaction takes: its body and its objects."""
+        return len(frame.body) + 512
+
+    def end_transaction(self, client, tx):
+        """The frames of transaction `tx`, now no longer held."""
+        frames = client.transactions.pop(tx)
+        client.transaction_bytes -= sum(self.held_cost(inner) for _, inner in frames)
+        return frames
+
     def cmd_commit(self, client, frame):
         tx = self.transaction_id(frame)
         if tx not in client.transactions:
             raise ClientError(f"unknown transaction {tx[:40]!r}")
         durable = "receipt" in frame.headers       # then the whole COMMIT is synced first
-        for handler, inner in client.transactions.pop(tx):
+        for handler, inner in self.end_transaction(client, tx):
             inner.headers.pop("receipt", None)      # answered when taken into the transaction
             if handler is Broker.cmd_send:
                 handler(self, client, inner, durable=durable)
@@ -1039,8 +1097,9 @@ class Broker:
 
     def cmd_abort(self, client, frame):
         tx = self.transaction_id(frame)
-        if client.transactions.pop(tx, None) is None:
+        if tx not in client.transactions:
             raise ClientError(f"unknown transaction {tx[:40]!r}")
+        self.end_transaction(client, tx)
         self.receipt(client, frame)
 
     def transaction_id(self, frame):
@@ -1154,7 +1213,7 @@ class Broker:
         else:
             client.deliveries[msg_id] = sub
         if msg.ack_timeout:
-            self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id, msg)
+            msg.timer = self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id)
         self.send_message(sub, msg, "/queue/" + msg.queue)
 
     def send_message(self, sub, msg, destination):
@@ -1188,14 +1247,11 @@ class Broker:
             self.offer(queue, msg)
         return queue
 
-    def ack_timeout_passed(self, sub, msg_id, msg):
-        """Take the message back and give it to another ready subscriber if there is one."""
-        if sub.unacked is None or sub.unacked.get(msg_id) is not msg:
-            return
+    def ack_timeout_passed(self, sub, msg_id):
+        """Take the message back and give it to another ready subscriber if there is one.
+        (Settling a message cancels this timer, so the delivery is still unacked here.)"""
         log.debug("%s: ack-timeout of message %s", sub.client.session, msg_id)
-        del sub.unacked[msg_id]
-        sub.client.deliveries.pop(msg_id, None)
-        queue = self.requeue(sub, msg)
+        queue = self.requeue(sub, sub.settle(msg_id))
         queue.ready = ring_remove(queue.ready, sub)
         self.dispatch(queue)
         self.make_ready(sub)
@@ -1218,10 +1274,9 @@ class Broker:
         queue = sub.target
         queue.ready = ring_remove(queue.ready, sub)
         queue.subscribers -= 1
-        unacked, sub.unacked = sub.unacked or {}, None
-        for msg_id, msg in unacked.items():
-            client.deliveries.pop(msg_id, None)
-            self.requeue(sub, msg)
+        for msg_id in list(sub.unacked or ()):
+            self.requeue(sub, sub.settle(msg_id))
+        sub.unacked = None
         if queue.subscribers == 0:
             del self.queues[queue.name]
         else:
@@ -1233,6 +1288,7 @@ class Broker:
             timer.cancel()
         client.timers = []
         client.transactions.clear()
+        client.transaction_bytes = 0
         client.auto_acked = []
         for sub in list(client.subscriptions.values()):
             self.unsubscribe(sub)
@@ -1315,7 +1371,10 @@ class Timer:
         self.fired = False
 
     def cancel(self):
+        """Never run; let go of the callback and its arguments now (they may hold a closed
+        connection or a message body) rather than at the deadline."""
         self.cancelled = True
+        self.callback = self.args = None
 
 
 class Reactor:
@@ -1329,12 +1388,14 @@ class Reactor:
     MAX_BUFFERS = 1024            # frames per sendmsg call (the kernel's IOV_MAX)
     GATHER = 0.0005               # longest wait for more SENDs to share a disk sync
     CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
+    MIN_COMPACT = 4096            # timers in the heap before cancelled ones are swept out
 
     def __init__(self, listener, clock=time.monotonic):
         self.listener = listener
         self.clock = clock
         self.selector = selectors.DefaultSelector()
         self.timers = []          # heap of (deadline, sequence, Timer)
+        self.compact_at = self.MIN_COMPACT
         self.sequence = 0
         self.sockets = {}         # Client -> socket
         self.draining = set()     # closing clients given CLOSE_GRACE to drain their outbox
@@ -1354,6 +1415,10 @@ class Reactor:
         timer = Timer(self.clock() + delay, callback, args)
         self.sequence += 1
         heapq.heappush(self.timers, (timer.deadline, self.sequence, timer))
+        if len(self.timers) > self.compact_at:    # mostly cancelled timers: drop them
+            self.timers[:] = [entry for entry in self.timers if not entry[2].cancelled]
+            heapq.heapify(self.timers)
+            self.compact_at = max(self.MIN_COMPACT, 2 * len(self.timers))
         return timer
 
     def run_due_timers(self):
@@ -1369,10 +1434,11 @@ class Reactor:
                 return deadline - now
             heapq.heappop(timers)
             timer.fired = True
+            callback = timer.callback
             try:
-                timer.callback(*timer.args)
+                callback(*timer.args)
             except Exception:     # a bug of ours: log it and keep serving
-                log.exception("internal error in timer %s", timer.callback.__name__)
+                log.exception("internal error in timer %s", callback.__name__)
         return None
 
     def run(self):

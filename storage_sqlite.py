@@ -89,9 +89,18 @@ class SqliteBackend:
         except sqlite3.Error as e:
             raise StorageError(f"closing the sqlite database: {e}") from None
 
-    @staticmethod
-    def _run(operation):
+    def _run(self, operation):
         try:
             return operation()
         except sqlite3.Error as e:
+            self._reopen_transaction()
             raise StorageError(f"sqlite: {e}") from None
+
+    def _reopen_transaction(self):
+        """Some failures make sqlite roll the transaction back: open a new one, so that the
+        writes that follow still wait for the next commit()."""
+        try:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN")
+        except sqlite3.Error:
+            pass                  # the next call fails and tries again

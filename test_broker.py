@@ -1675,6 +1675,24 @@ def test_ack_timeout_applies_again_after_a_redelivery(broker, qname):
     assert len(ids) == 1
 
 
+def test_ack_timeout_counts_from_the_latest_delivery(broker, qname):
+    """A NACKed and redelivered message gets its whole ack-timeout again: the first
+    delivery's deadline must not take the second delivery back early."""
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    c.send(f"/queue/{qname}", "slow", headers={"ack-timeout": "1.6"})
+    first = c.message()
+    time.sleep(0.8)
+    c.nack(first)
+    again = c.message()
+    redelivered_at = time.monotonic()
+    assert again["message-id"] == first["message-id"]
+    assert c.try_message(timeout=1.2) is None, "taken back by the first delivery's deadline"
+    third = c.message(timeout=3)
+    assert third["message-id"] == first["message-id"]
+    assert time.monotonic() - redelivered_at >= 1.5
+
+
 @pytest.mark.both_backends
 def test_a_returned_message_keeps_its_priority(broker, qname):
     c = broker.client()

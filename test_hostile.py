@@ -141,6 +141,9 @@ BAD_INPUT = [
     ("invalid-utf8-overlong", "1.0", lambda q: _sf(q, [("x-bad", b"\xc0\xaf")])),
     ("invalid-utf8-surrogate", "1.2", lambda q: _sf(q, [("x-bad", b"\xed\xa0\x80")])),
     ("invalid-utf8-in-connect", None, lambda q: b"CONNECT\naccept-version:1.2\nhost:\xff\n\n\x00"),
+    ("nul-in-header-value", "1.2", lambda q: b"SEND\ndestination:/queue/" + q.encode() + b"\nx-nul:a\x00b\n\nhello\x00"),
+    ("nul-in-header-name", "1.0", lambda q: b"SEND\ndestination:/queue/" + q.encode() + b"\nx\x00y:v\n\nhello\x00"),
+    ("nul-in-header-with-content-length", "1.2", lambda q: _sf(q, [("x-nul", "a\x00b")])),
     ("undefined-escape-1.1-t", "1.1", lambda q: _sf(q, [("x-esc", "a\\tb")])),
     ("undefined-escape-1.1-r", "1.1", lambda q: _sf(q, [("x-esc", "a\\rb")])),
     ("undefined-escape-1.2-t", "1.2", lambda q: _sf(q, [("x-esc", "a\\tb")])),
@@ -174,6 +177,9 @@ BAD_INPUT = [
     ("ack-timeout-nan", "1.2", lambda q: _sf(q, [("ack-timeout", "nan")])),
     ("ack-timeout-inf", "1.2", lambda q: _sf(q, [("ack-timeout", "inf")])),
     ("ack-timeout-overflow", "1.2", lambda q: _sf(q, [("ack-timeout", "1e400")])),
+    ("ack-timeout-underscore", "1.2", lambda q: _sf(q, [("ack-timeout", "1_0")])),
+    ("ack-timeout-unicode-digit", "1.2", lambda q: _sf(q, [("ack-timeout", "\u0661")])),
+    ("ack-timeout-blank-1.2", "1.2", lambda q: _sf(q, [("ack-timeout", " 1")])),
     ("prefetch-word", "1.2", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s"), ("prefetch", "many")])),
     ("prefetch-float", "1.2", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s"), ("prefetch", "2.5")])),
     ("prefetch-hex", "1.2", lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s"), ("prefetch", "0x10")])),
@@ -183,6 +189,9 @@ BAD_INPUT = [
     ("heart-beat-three-values", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.1"), ("heart-beat", "1,2,3")])),
     ("heart-beat-negative", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "-1,0")])),
     ("heart-beat-empty", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "")])),
+    ("heart-beat-huge", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "0," + "1" * 400)])),
+    ("heart-beat-huge-first", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.1"), ("heart-beat", "9" * 20 + ",0")])),
+    ("heart-beat-underscore", None, lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "1_000,0")])),
     # connection life
     ("send-before-connect", None, lambda q: _sf(q, [("receipt", "r")])),
     ("subscribe-before-connect", None, lambda q: encode_frame("SUBSCRIBE", [("destination", f"/queue/{q}"), ("id", "s")])),
@@ -277,6 +286,11 @@ def test_bad_input_gets_error_and_close_of_that_connection_only(stored_broker, q
                                                      ("id", "s"), ("receipt", "bad-r")])),
     ("star", lambda q: _sf(q + "*", [("receipt", "bad-r")])),
     ("second-connect", lambda q: encode_frame("CONNECT", [("accept-version", "1.2"), ("receipt", "bad-r")])),
+    ("content-length", lambda q: _sf(q, [("receipt", "bad-r")], content_length="abc")),
+    ("body-not-nul-terminated", lambda q: f"SEND\ndestination:/queue/{q}\nreceipt:bad-r\ncontent-length:2\n\nabcdef\x00".encode()),
+    ("undefined-escape", lambda q: _sf(q, [("x-esc", "a\\tb"), ("receipt", "bad-r")])),
+    ("undefined-escape-after-receipt", lambda q: _sf(q, [("receipt", "bad-r"), ("x-esc", "a\\tb")])),
+    ("over-max-frame-size", lambda q: _sf(q, [("receipt", "bad-r")], content_length=str(16 * MiB + 1))),
 ])
 def test_error_for_a_bad_frame_with_a_receipt_carries_its_receipt_id(stored_broker, qname, kind, frame):
     assert_rejected(stored_broker, qname, "1.2", frame(qname), expect_receipt_id="bad-r")
@@ -914,6 +928,83 @@ def test_a_slow_but_beating_client_mid_frame_is_not_closed(broker, qname):
         c.send_raw(data[i:i + step])
         time.sleep(0.3)                               # 3 s in all, well over 2 x 500 ms
     assert c.message().body == b"slow"
+
+
+def _settled_rss_kib(pid, seconds=1.0):
+    """The smallest VmRSS seen over `seconds`: what is still held once the broker is idle."""
+    low = rss_kib(pid)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        low = min(low, rss_kib(pid))
+    return low
+
+
+def test_idle_connections_do_not_keep_their_last_large_frame(broker, qname):
+    """20 connections each send one complete 4 MiB frame and then stay open and idle: the
+    broker does not go on holding those bytes in their read buffers."""
+    rss_before = rss_kib(broker.proc.pid)
+    conns = []
+    for i in range(20):
+        c = broker.client()
+        c.send(f"/topic/{qname}", os.urandom(4 * MiB))
+        conns.append(c)
+    growth = (_settled_rss_kib(broker.proc.pid) - rss_before) * 1024
+    report("idle after a 4 MiB frame", connections=len(conns), rss_growth_bytes=growth)
+    assert growth < 20 * MiB, f"{growth // MiB} MiB held for 20 idle connections"
+    for c in conns:
+        c.send(f"/topic/{qname}", b"still served")
+
+
+def test_closed_connections_with_long_heart_beats_are_freed(broker, qname):
+    """A connection that asked for a day-long heart-beat and then went away must not live on
+    in its timers until the day is over (nor its 4 MiB read buffer with it)."""
+    rss_before = rss_kib(broker.proc.pid)
+    for i in range(15):
+        c = broker.client(heart_beat="86400000,0")
+        c.send(f"/topic/{qname}", os.urandom(4 * MiB))
+        c.send_raw(encode_frame("SEND", [("destination", f"/topic/{qname}")], b"x" * (4 * MiB))[:-5])
+        c.close()
+    growth = (_settled_rss_kib(broker.proc.pid) - rss_before) * 1024
+    report("closed with day-long heart-beats", connections=15, rss_growth_bytes=growth)
+    assert growth < 24 * MiB, f"{growth // MiB} MiB still held for 15 closed connections"
+    assert broker.client().count_subscribers(f"/topic/{qname}") == 0
+
+
+def test_acked_messages_with_long_ack_timeouts_are_freed(broker, qname):
+    """An ACKed message is gone at once, even if its hour-long ack-timeout has not passed."""
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=1)
+    rss_before = rss_kib(broker.proc.pid)
+    for i in range(16):
+        c.send(f"/queue/{qname}", os.urandom(2 * MiB), headers={"ack-timeout": "3600"})
+        c.ack(c.message())
+    growth = (_settled_rss_kib(broker.proc.pid) - rss_before) * 1024
+    report("ACKed with hour-long ack-timeouts", messages=16, rss_growth_bytes=growth)
+    assert growth < 16 * MiB, f"{growth // MiB} MiB still held after 16 x 2 MiB were ACKed"
+    assert c.count_msgs(qname) == 0
+
+
+def test_open_transactions_are_bounded(start_broker, qname):
+    """A connection cannot make the broker hold unbounded frames in a transaction it never
+    commits: past -max-pending bytes it gets an ERROR; nothing of it is stored."""
+    b = start_broker("-max-pending", str(2 * MiB))
+    c = b.client()
+    c.begin("tx")
+    body = b"t" * (100 * 1024)
+    for i in range(40):
+        c.send_raw(encode_frame("SEND", [("destination", f"/queue/{qname}"),
+                                         ("transaction", "tx")], body))
+    err = c.expect_error()
+    assert "transaction" in err["message"], err
+    other = b.client()
+    assert other.count_msgs(qname) == 0
+    small = b.client()                # a transaction within the limit still works
+    small.begin("ok")
+    for i in range(5):
+        small.send(f"/queue/{qname}", body, headers={"transaction": "ok"})
+    small.commit("ok")
+    assert other.count_msgs(qname) == 5
 
 
 def test_stalled_mid_frame_connections_hold_only_their_buffers(broker, qname):
