@@ -1608,7 +1608,8 @@ Usage: python3 ocamlmq.py [options] [sqlite3 database (default: ocamlmq.db)]
   -flush-period DT        flush the in-memory cache every DT seconds (default: 1.0)
   -max-prefetch N         cap and default of a subscription's prefetch (default: 100)
   -max-frame-size BYTES   largest frame accepted, headers and body (default: 16777216)
-  -max-pending BYTES      unsent output after which a connection is closed (default: 67108864)
+  -max-pending BYTES      unsent output after which a connection is closed, and the most
+                          its open transactions may hold (default: 67108864)
   -pg CONNINFO            store messages in PostgreSQL (libpq conninfo or postgresql:// URI;
                           PG* environment variables apply) instead of the sqlite file
   -debug                  debug logging to stderr
