@@ -716,7 +716,7 @@ class Broker:
         self.next_id = max(store.backend.max_id(), time.time_ns() // 1000) + 1
         self.sessions = 0
         self.written = set()        # clients whose outbox got bytes this turn
-        self.awaiting_sync = {}     # client -> frames in its outbox before its first durable RECEIPT
+        self.awaiting_sync = {}     # client -> its outbox's frame count before a durable RECEIPT
         self.flush_period = flush_period
         call_later(flush_period, self.periodic_flush)
 
@@ -804,9 +804,9 @@ class Broker:
         self.written.add(client)
         if client.unsent > self.HIGH_WATER:
             client.paused = True
-            if client.unsent > self.max_pending and not client.closing:
-                client.drop_output(0)     # it would not read them in time; the ERROR goes next
-                self.fail(client, "slow consumer: too much unsent output")
+        if client.unsent > self.max_pending and not client.closing:
+            client.drop_output(0)         # it would not read them in time; the ERROR goes next
+            self.fail(client, "slow consumer: too much unsent output")
 
     def send_frame(self, client, command, headers, body=None):
         self.send(client, encode_frame(command, headers, body, client.version))
