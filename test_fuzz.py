@@ -214,7 +214,9 @@ def test_codec_one_byte_at_a_time_equals_one_piece():
 
 # round trip -----------------------------------------------------------------------------------
 
-safe_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+# Any text but NUL, which the codec refuses in a head (it ends frames on the wire).
+safe_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                    max_size=20)
 tricky_text = st.text(st.sampled_from("ab:\\\n\r \u00e9\U0001f600c"), max_size=20)
 rt_headers = st.lists(st.tuples(st.one_of(safe_text, tricky_text), st.one_of(safe_text, tricky_text))
                       .filter(lambda h: h[0] != "content-length"), max_size=8)
