@@ -35,12 +35,10 @@ subscribers, and then only a window of its next messages; the rest of its backlo
 and is read in batches, in delivery order, as the window drains.
 """
 
-import errno
 import heapq
 import json
 import logging
 import math
-import os
 import re
 import resource
 import selectors

@@ -373,24 +373,34 @@ def test_stomp_1_1_destination_with_a_leading_blank_is_not_trimmed(broker, qname
 
 @pytest.mark.parametrize("version", ["1.1", "1.2"])
 def test_escapes_are_decoded_on_input_and_encoded_on_message(broker, qname, version):
+    """Escaped on the way in, decoded (a 1.0 subscriber, which has no escapes, sees the real
+    characters, a newline as a blank), escaped again for a 1.1/1.2 subscriber."""
     sub = broker.client(version)
-    sub.subscribe(f"/queue/{qname}")
+    sub.subscribe(f"/topic/{qname}")
+    plain = broker.client("1.0")
+    plain.subscribe(f"/topic/{qname}")
     c = broker.client(version)
-    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-esc:a\\cb\\nc\\\\d\nx\\cname:v\nreceipt:r1\n\n\x00"
+    c.send_raw(f"SEND\ndestination:/topic/{qname}\nx-esc:a\\cb\\nc\\\\d\nx\\cname:v\nreceipt:r1\n\n\x00"
                .encode())
     c.receipt("r1")
     m = sub.message()
     assert m["x-esc"] == "a\\cb\\nc\\\\d", m
     assert m["x\\cname"] == "v", m
+    m = plain.message()
+    assert m["x-esc"] == "a:b c\\d", m
+    assert m["x"] == "name:v", m
 
 
 def test_escaped_cr_is_decoded_and_encoded_in_1_2(broker, qname):
     sub = broker.client("1.2")
-    sub.subscribe(f"/queue/{qname}")
+    sub.subscribe(f"/topic/{qname}")
+    plain = broker.client("1.0")
+    plain.subscribe(f"/topic/{qname}")
     c = broker.client("1.2")
-    c.send_raw(f"SEND\ndestination:/queue/{qname}\nx-cr:a\\rb\nreceipt:r1\n\n\x00".encode())
+    c.send_raw(f"SEND\ndestination:/topic/{qname}\nx-cr:a\\rb\nreceipt:r1\n\n\x00".encode())
     c.receipt("r1")
     assert sub.message()["x-cr"] == "a\\rb"
+    assert plain.message()["x-cr"] == "a b"      # decoded; 1.0 cannot carry a CR in a header
 
 
 def test_escapes_are_decoded_before_delivery_to_a_1_0_subscriber(broker, qname):

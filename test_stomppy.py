@@ -223,11 +223,12 @@ def test_stomppy_transactional_ack(stomppy, broker, qname, version):
     tx = conn.begin()
     h = m.headers
     if version == "1.0":
-        conn.ack(h["message-id"], transaction=tx)
+        conn.ack(h["message-id"], transaction=tx, receipt="ack-r")
     elif version == "1.1":
-        conn.ack(h["message-id"], h["subscription"], transaction=tx)
+        conn.ack(h["message-id"], h["subscription"], transaction=tx, receipt="ack-r")
     else:
-        conn.ack(h["ack"], transaction=tx)
+        conn.ack(h["ack"], transaction=tx, receipt="ack-r")
+    listener.receipt("ack-r")             # the broker has the ACK, and holds it for the COMMIT
     assert raw.count_msgs(qname) == 1
     conn.commit(tx, receipt="commit-r")
     listener.receipt("commit-r")

@@ -35,7 +35,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import queue as queue_mod
 import random
 import select
 import socket
