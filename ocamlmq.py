@@ -323,6 +323,7 @@ class Message:
 ON_DISK = None                # written and committed
 CACHED = "cached"             # in the cache, to be written at the next flush
 BATCHED = "batched"           # in this turn's durable batch, written at the end of the turn
+WRITTEN = "written"           # its row is in the open transaction, durable at the next commit
 RETRY = "retry"               # in the cache after a failed commit: the row may exist or not
 ACKED = "acked"               # done; skipped if still waiting to be written
 
@@ -337,7 +338,9 @@ class MessageStore:
       commit()            end of a reactor turn: write the durable batch and the deletes, synced
                           to disk in one transaction; nothing at all when no receipt waits.
       flush()             write the cache too (every -flush-period, or when over -maxmsgs).
-      fetch(queue, after, limit)  the next messages of a queue after the key `after`, in order.
+      fetch(queue, after, limit)  the next messages of a queue after the key `after`, in order;
+                          what is unwritten goes into the open transaction first (no sync), so
+                          that the read sees it and a turn still syncs at most once.
       count(queue)        stored messages of a queue that are not ACKed.
       close()             flush, then close the backend.
 
@@ -357,9 +360,12 @@ class MessageStore:
         self.batch = []           # messages saved with a receipt this turn
         self.deletes = []         # ids of ACKed messages whose rows are to be deleted
         self.applied = []         # deletes sent into the open transaction, not yet committed
+        self.written = []         # messages inserted into the open transaction, not yet committed
+        self.written_bytes = 0    # size of their bodies
         self.unwritten = {}       # queue name -> messages of that queue in cache or batch
-        self.sync_wanted = False  # a receipted ACK waits for its delete to be durable
-        self.batch_failed = False  # a flush in this turn could not write the durable batch
+        self.sync_wanted = False  # a receipt waits for this turn's commit (an ACK's delete, a
+                                  # batch already inserted by a fetch)
+        self.batch_failed = False  # what a receipt waits for was lost earlier in this turn
         self.healthy = True
 
     def save(self, msg, durable):
@@ -374,9 +380,12 @@ class MessageStore:
 
     def ack(self, msg):
         state = msg.state
-        if state is ON_DISK or state is RETRY:
+        if state is ON_DISK or state is RETRY or state is WRITTEN:
             self.deletes.append(msg.id)
         if state is ON_DISK or state is ACKED:
+            return
+        if state is WRITTEN:
+            msg.state = ACKED
             return
         if state is not BATCHED:
             del self.cache[msg.id]
@@ -392,56 +401,68 @@ class MessageStore:
             del self.unwritten[queue]
 
     def commit(self):
-        """Write the durable batch and the deletes, synced. Raises StorageError, also when a
-        flush earlier in the turn failed to write the batch (its receipts must not go out)."""
-        if self.batch_failed:
-            self.batch_failed = False
-            raise self.StorageError("could not write this turn's messages")
-        if self.batch or self.sync_wanted:
-            self.sync_wanted = False
-            batch, self.batch = self.batch, []
-            self._write(batch)
+        """Write the durable batch and the deletes, synced; nothing at all when no receipt
+        waits. Raises StorageError, also when a failure earlier in the turn lost what a receipt
+        waits for (that receipt must not go out)."""
+        try:
+            if self.batch_failed:
+                raise self.StorageError("could not write this turn's messages")
+            if self.batch or self.sync_wanted:
+                batch, self.batch = self.batch, []
+                self._write(batch)
+        finally:
+            self.batch_failed = self.sync_wanted = False
 
     def flush(self):
         """Write everything unwritten, synced; when unhealthy, this also tries the backend again.
         Raises StorageError."""
-        if self.healthy and not (self.cache or self.batch or self.deletes or self.applied):
+        if self.healthy and not (self.cache or self.batch or self.deletes or self.applied
+                                 or self.written):
             return
+        self._write(self._take_unwritten())
+
+    def _take_unwritten(self):
+        """Empty the cache and the batch, for writing; remembers whether receipts wait on them."""
+        if self.batch:
+            self.sync_wanted = True   # the turn's commit must sync them, whoever writes them
         msgs = self.batch + list(self.cache.values())
-        had_batch = bool(self.batch)
         self.batch = []
         self.cache = {}
         self.cached_bytes = 0
-        try:
-            self._write(msgs)
-        except self.StorageError:
-            self.batch_failed = self.batch_failed or had_batch
-            raise
-        self.unwritten = {}       # empty now; a new dict gives back what a million queues took
+        return msgs
+
+    def _insert(self, msgs):
+        """Insert the rows of `msgs` into the open transaction: reads see them from now on, and
+        the next commit makes them durable."""
+        rows = [msg.row() for msg in msgs if msg.state is not ACKED]
+        if rows:
+            self.backend.insert(rows)
+        for msg in msgs:
+            if msg.state is not ACKED:
+                msg.state = WRITTEN
+                self.written.append(msg)
+                self.written_bytes += len(msg.body)
+                self._forget_unwritten(msg.queue)
+        if not self.unwritten:
+            self.unwritten = {}   # a new dict gives back what a million queues took
 
     def _write(self, msgs):
-        """One transaction for `msgs` and the pending deletes. On failure, whatever was not
-        committed goes back into the cache and the delete list."""
+        """One transaction for `msgs`, the rows inserted before and the pending deletes,
+        committed and synced."""
         try:
-            rows = [msg.row() for msg in msgs if msg.state is not ACKED]
-            if rows:
-                self.backend.insert(rows)
+            self._insert(msgs)
             self._apply_deletes()
             self.backend.commit()
         except self.StorageError:
-            self._failed()
-            for msg in msgs:
-                if msg.state is not ACKED:
-                    msg.state = RETRY
-                    self.cache[msg.id] = msg
-                    self.cached_bytes += len(msg.body)
+            self._failed(msgs)
             raise
         self.healthy = True
         self.applied = []
-        for msg in msgs:
-            if msg.state is not ACKED:
+        for msg in self.written:
+            if msg.state is WRITTEN:
                 msg.state = ON_DISK
-                self._forget_unwritten(msg.queue)
+        self.written = []
+        self.written_bytes = 0
 
     def _apply_deletes(self):
         """Delete ACKed rows in the open transaction, so that reads no longer see them."""
@@ -450,19 +471,37 @@ class MessageStore:
             self.applied += ids
             self.backend.delete(ids)
 
-    def _failed(self):
+    def _failed(self, msgs=()):
+        """The open transaction is lost: its deletes are to be done again, and its rows and
+        those of `msgs` go back into the cache, to be written at the next flush. If a receipt
+        waited on any of them, this turn's commit must fail too."""
         self.healthy = False
         self.deletes = self.applied + self.deletes
         self.applied = []
+        lost = self.written + [msg for msg in msgs if msg.state is not WRITTEN]
+        self.written = []
+        self.written_bytes = 0
+        for msg in lost:
+            if msg.state is ACKED:
+                continue
+            if msg.state is WRITTEN:
+                self.unwritten[msg.queue] = self.unwritten.get(msg.queue, 0) + 1
+            msg.state = RETRY
+            self.cache[msg.id] = msg
+            self.cached_bytes += len(msg.body)
+        if self.sync_wanted:
+            self.batch_failed = True
 
     def fetch(self, queue, after, limit):
-        if queue in self.unwritten:
-            self.flush()
+        # What is unwritten of this queue must be in the table for the read to find it in its
+        # place: insert everything unwritten into the open transaction (no sync here).
+        msgs = self._take_unwritten() if queue in self.unwritten else []
         try:
+            self._insert(msgs)
             self._apply_deletes()
             rows = self.backend.fetch(queue, after, limit)
         except self.StorageError:
-            self._failed()
+            self._failed(msgs)
             raise
         return [Message.from_row(queue, row) for row in rows]
 
@@ -475,8 +514,10 @@ class MessageStore:
             raise
 
     def over(self, max_messages, max_bytes):
-        """Whether the cache holds more than it should before a flush."""
-        return len(self.cache) > max_messages or self.cached_bytes > max_bytes
+        """Whether more is held unsynced (cached, or in the open transaction) than should be
+        before a flush."""
+        return (len(self.cache) + len(self.written) > max_messages
+                or self.cached_bytes + self.written_bytes > max_bytes)
 
     def close(self):
         self.flush()
