@@ -315,8 +315,8 @@ class Message:
     @classmethod
     def from_row(cls, queue, row):
         msg_id, rank, ack_timeout, headers, body = row
-        return cls(msg_id, queue, rank, ack_timeout, [tuple(h) for h in json.loads(headers)],
-                   bytes(body))
+        headers = [tuple(h) for h in json.loads(headers)] if headers != "[]" else []
+        return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body))
 
 
 # Where the store holds a message (Message.state).
