@@ -420,6 +420,7 @@ class MessageStore:
                                  or self.written):
             return
         self._write(self._take_unwritten())
+        self.unwritten = {}       # empty now; a new dict gives back what a million queues took
 
     def _take_unwritten(self):
         """Empty the cache and the batch, for writing; remembers whether receipts wait on them."""
@@ -443,8 +444,6 @@ class MessageStore:
                 self.written.append(msg)
                 self.written_bytes += len(msg.body)
                 self._forget_unwritten(msg.queue)
-        if not self.unwritten:
-            self.unwritten = {}   # a new dict gives back what a million queues took
 
     def _write(self, msgs):
         """One transaction for `msgs`, the rows inserted before and the pending deletes,
@@ -1438,7 +1437,6 @@ class Reactor:
         self.sequence = 0
         self.sockets = {}         # Client -> socket
         self.draining = set()     # closing clients given CLOSE_GRACE to drain their outbox
-        self.waiting_to_write = set()   # clients whose socket is watched for room to write
         self.last_synced = 0      # clients whose receipts waited for the last disk sync
         self.read_buffer = bytearray(self.READ_SIZE)
         self.read_view = memoryview(self.read_buffer)
@@ -1579,22 +1577,17 @@ class Reactor:
         if client.closing and not outbox:
             self.close(client)
             return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if outbox else 0)
         if client.closing:            # stop reading; give the outbox a little time to drain
+            want = selectors.EVENT_WRITE
             if client not in self.draining:
                 self.draining.add(client)
-                self.selector.modify(sock, selectors.EVENT_WRITE, client)
                 self.call_later(self.CLOSE_GRACE, self.close, client)
-        elif bool(outbox) != (client in self.waiting_to_write):
-            if outbox:                # the kernel took only part: write the rest when it can
-                self.waiting_to_write.add(client)
-                self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
-            else:
-                self.waiting_to_write.discard(client)
-                self.selector.modify(sock, selectors.EVENT_READ, client)
+        if self.selector.get_key(sock).events != want:
+            self.selector.modify(sock, want, client)
 
     def close(self, client):
         self.draining.discard(client)
-        self.waiting_to_write.discard(client)
         sock = self.sockets.pop(client, None)
         if sock is None:
             return
