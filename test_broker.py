@@ -1025,6 +1025,32 @@ def test_receipted_queue_send_survives_kill_9(broker, qname):
 
 
 @pytest.mark.both_backends
+def test_receipted_send_in_the_turn_that_refills_a_window_survives_kill_9(broker, qname):
+    """A queue whose in-memory window is full keeps new messages in the store; the ACK that
+    empties the window makes the broker read them back in the same turn as a receipted SEND.
+    That SEND's RECEIPT still means synced: it survives a kill -9 right after."""
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual", prefetch=1)
+    big = b"b" * (1024 * 1024)
+    for i in range(10):                        # 8 MiB fill the window; the rest wait in store
+        c.send(f"/queue/{qname}", big, receipt=False, headers={"x-n": str(i)})
+    for i in range(8):
+        m = c.message(timeout=10)
+        assert m["x-n"] == str(i)
+        c.ack(m, receipt=False)
+    last = c.message(timeout=10)               # the window's last one: its ACK refills it
+    c.send_raw(encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": "x"}, "after")
+               + encode_frame("ACK", {"id": last["ack"]}))
+    c.receipt("x")
+    broker.kill9()
+    broker.start()
+    c = broker.client()
+    c.subscribe(f"/queue/{qname}", ack="client-individual")
+    bodies = [m.body for m in c.messages(2, timeout=10)]
+    assert b"after" in bodies, bodies
+
+
+@pytest.mark.both_backends
 def test_many_receipted_sends_pipelined_survive_kill_9(broker, qname):
     c = broker.client()
     c.send_raw(b"".join(encode_frame("SEND", {"destination": f"/queue/{qname}", "receipt": f"p{i}"},
