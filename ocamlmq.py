@@ -35,6 +35,8 @@ subscribers, and then only a window of its next messages; the rest of its backlo
 and is read in batches, in delivery order, as the window drains.
 """
 
+import collections
+import errno
 import heapq
 import json
 import logging
@@ -81,10 +83,18 @@ class Frame:
 
 UNESCAPES = {"1.1": {"\\\\": "\\", "\\n": "\n", "\\c": ":"},
              "1.2": {"\\\\": "\\", "\\n": "\n", "\\c": ":", "\\r": "\r"}}
-ESCAPE_TABLES = {"1.0": str.maketrans({"\n": " ", "\r": " "}),
-                 "1.1": str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c"}),
-                 "1.2": str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c", "\r": "\\r"})}
+# How each version writes a header (name table, value table). 1.0 has no escapes, so what would
+# end a line (and, in a name, the colon) becomes a space; 1.1 cannot escape CR, likewise.
+_V10_VALUE = {"\n": " ", "\r": " "}
+_V11 = {"\\": "\\\\", "\n": "\\n", ":": "\\c", "\r": " "}
+_V12 = {"\\": "\\\\", "\n": "\\n", ":": "\\c", "\r": "\\r"}
+HEADER_ENCODINGS = {
+    "1.0": (str.maketrans({**_V10_VALUE, ":": " "}), str.maketrans(_V10_VALUE)),
+    "1.1": (str.maketrans(_V11), str.maketrans(_V11)),
+    "1.2": (str.maketrans(_V12), str.maketrans(_V12)),
+}
 ESCAPE_SEQUENCE = re.compile(r"\\.?")
+FRAME_END = b"\0\n"
 
 
 def unescape(value, version):
@@ -101,19 +111,25 @@ def unescape(value, version):
     return ESCAPE_SEQUENCE.sub(replace, value)
 
 
+def encode_headers(headers, version):
+    """The header lines of (name, value) pairs, encoded for a receiver speaking `version`.
+
+    This is the only place where the broker makes header lines, so whatever a client put in a
+    value (a decoded LF, CR or colon) stays inside its own line: no client can add a header to,
+    or end the head of, a frame that someone else receives."""
+    names, values = HEADER_ENCODINGS[version]
+    return "".join([f"{name.translate(names)}:{str(value).translate(values)}\n"
+                    for name, value in headers]).encode()
+
+
 def encode_frame(command, headers, body=None, version="1.2"):
-    """The bytes of a frame. `headers` is a list of (name, value) pairs, escaped for `version`
-    (CONNECTED never is). With a body, `content-length` is added; every frame ends in NUL, EOL."""
-    table = None if command == "CONNECTED" else ESCAPE_TABLES[version]
-    lines = [command]
-    for name, value in headers:
-        value = str(value)
-        lines.append(f"{name.translate(table)}:{value.translate(table)}" if table
-                     else f"{name}:{value}")
+    """The bytes of a frame. `headers` is a list of (name, value) pairs, encoded for `version`
+    (CONNECTED never escapes, as STOMP 1.2 says). With a body, `content-length` is added."""
     if body is not None:
-        lines.append(f"content-length:{len(body)}")
-    head = ("\n".join(lines) + "\n\n").encode()
-    return head + body + b"\0\n" if body else head + b"\0\n"
+        headers = [*headers, ("content-length", len(body))]
+    head = b"%s\n%s\n" % (command.encode(),
+                          encode_headers(headers, "1.0" if command == "CONNECTED" else version))
+    return head + body + FRAME_END if body else head + FRAME_END
 
 
 class FrameParser:
@@ -141,6 +157,12 @@ class FrameParser:
             del self.buffer[:self.pos]
             self.pos = 0
         self.buffer += data
+
+    def discard(self):
+        """Let go of everything held: the connection is closing."""
+        self.buffer = bytearray()
+        self.pos = self.scanned = self.newlines = 0
+        self.head = None
 
     def pending(self):
         """The bytes held for frames not yet complete."""
@@ -293,7 +315,7 @@ class Message:
     """A queue or topic message. `rank` is minus the priority, so (rank, id) sorts in delivery
     order. `headers` are the client's own SEND headers, passed through to MESSAGE."""
     __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "redelivered",
-                 "state", "tails", "timer")
+                 "state", "timer")
 
     def __init__(self, msg_id, queue, rank, ack_timeout, headers, body, redelivered=False,
                  state=None):
@@ -304,8 +326,7 @@ class Message:
         self.headers = headers        # [(name, value), ...]
         self.body = body
         self.redelivered = redelivered
-        self.state = state            # where the store holds it: ON_DISK, CACHED, BATCHED, ...
-        self.tails = None             # encoded headers and body, per version, for topic fan-out
+        self.state = state            # where the store holds it: CACHED, BATCHED, ... (below)
         self.timer = None             # its ack-timeout while it is delivered and not ACKed
 
     def row(self):
@@ -319,131 +340,159 @@ class Message:
         return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body))
 
 
-# Where the store holds a message (Message.state).
-ON_DISK = None                # written and committed
-CACHED = "cached"             # in the cache, to be written at the next flush
-BATCHED = "batched"           # in this turn's durable batch, written at the end of the turn
-WRITTEN = "written"           # its row is in the open transaction, durable at the next commit
-RETRY = "retry"               # in the cache after a failed commit: the row may exist or not
-ACKED = "acked"               # done; skipped if still waiting to be written
+# Where the store holds a message (Message.state). A message moves down this list, except that a
+# failed commit sends INSERTED messages back to RECACHED.
+CACHED = "cached"             # in memory only; inserted at the next flush (no receipt waits)
+BATCHED = "batched"           # in memory only; a RECEIPT waits: inserted and synced this turn
+RECACHED = "recached"         # in memory again after a failed commit; its row may exist or not
+INSERTED = "inserted"         # its row is in the open transaction, durable at the next commit
+ON_DISK = None                # its row is committed
+ACKED = "acked"               # done: never written, its row (if any) deleted
+UNSAVED = (CACHED, BATCHED, RECACHED)   # the states of a message the database may lack
 
 
 class MessageStore:
     """Where queue messages live until ACKed: an in-memory cache in front of a disk backend.
 
     The broker calls:
-      save(msg, durable)  store a new message: into this turn's durable batch if `durable` (its
-                          SEND asked for a receipt), else into the cache.
-      ack(msg)            the message is done: drop it from the cache or batch, or delete its row.
-      commit()            end of a reactor turn: write the durable batch and the deletes, synced
-                          to disk in one transaction; nothing at all when no receipt waits.
+      save(msg, durable)  store a new message: into this turn's batch if `durable` (its SEND
+                          asked for a receipt), else into the cache.
+      ack(msg)            the message is done: drop it from memory, or delete its row.
+      want_sync()         a RECEIPT of this turn promises something durable (an ACK's delete).
+      commit()            end of a reactor turn: insert the batch and apply the deletes, synced to
+                          disk in one transaction; nothing at all when no receipt waits.
       flush()             write the cache too (every -flush-period, or when over -maxmsgs).
       fetch(queue, after, limit)  the next messages of a queue after the key `after`, in order;
-                          what is unwritten goes into the open transaction first (no sync), so
-                          that the read sees it and a turn still syncs at most once.
-      count(queue)        stored messages of a queue that are not ACKed.
-      close()             flush, then close the backend.
+                          that queue's unsaved messages are inserted into the open transaction
+                          first (no sync), so that the read finds them in their place.
+      count(queue), max_id(), over(...), close().
 
     A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows:
       max_id(), insert(rows), delete(ids), commit(), fetch(queue, after, limit), count(queue),
       close(); insert and delete join an open transaction that commit() makes durable, and
       fetch and count see it. Any failure raises the backend's StorageError and loses that open
-      transaction; the store then keeps everything it had not committed, in memory, to write
-      again at the next flush, and reports `healthy = False` until a write succeeds.
+      transaction; the store then keeps in memory everything not committed (RECACHED), reports
+      `healthy = False`, and touches the database again only at the next flush.
     """
+
+    INSERT_CHUNK = 1000           # rows made and inserted at once: a failing try costs one chunk
 
     def __init__(self, backend, storage_error):
         self.backend = backend
         self.StorageError = storage_error
-        self.cache = {}           # id -> Message saved without a receipt, not yet written
-        self.cached_bytes = 0     # size of the bodies in the cache
+        self.unsaved = {}         # queue name -> {id: Message} in CACHED, BATCHED or RECACHED
+        self.unsaved_count = 0
+        self.unsaved_bytes = 0    # size of their bodies
         self.batch = []           # messages saved with a receipt this turn
+        self.inserted = []        # messages INSERTED into the open transaction
+        self.inserted_bytes = 0
         self.deletes = []         # ids of ACKed messages whose rows are to be deleted
-        self.applied = []         # deletes sent into the open transaction, not yet committed
-        self.written = []         # messages inserted into the open transaction, not yet committed
-        self.written_bytes = 0    # size of their bodies
-        self.unwritten = {}       # queue name -> messages of that queue in cache or batch
-        self.sync_wanted = False  # a receipt waits for this turn's commit (an ACK's delete, a
-                                  # batch already inserted by a fetch)
-        self.batch_failed = False  # what a receipt waits for was lost earlier in this turn
+        self.applied = []         # deletes done in the open transaction, not yet committed
+        self.sync_wanted = False  # a receipt waits for this turn's commit
         self.healthy = True
 
+    def max_id(self):
+        return self.backend.max_id()
+
     def save(self, msg, durable):
+        msg.state = BATCHED if durable else CACHED
         if durable:
-            msg.state = BATCHED
             self.batch.append(msg)
-        else:
-            msg.state = CACHED
-            self.cache[msg.id] = msg
-            self.cached_bytes += len(msg.body)
-        self.unwritten[msg.queue] = self.unwritten.get(msg.queue, 0) + 1
+        self._keep_unsaved(msg)
 
     def ack(self, msg):
         state = msg.state
-        if state is ON_DISK or state is RETRY or state is WRITTEN:
+        if state is ON_DISK or state is INSERTED or state is RECACHED:
             self.deletes.append(msg.id)
-        if state is ON_DISK or state is ACKED:
-            return
-        if state is WRITTEN:
-            msg.state = ACKED
-            return
-        if state is not BATCHED:
-            del self.cache[msg.id]
-            self.cached_bytes -= len(msg.body)
-        msg.state = ACKED         # a batched message is skipped when the batch is written
-        self._forget_unwritten(msg.queue)
+        if state in UNSAVED:
+            self._forget_unsaved(msg)
+        msg.state = ACKED
 
-    def _forget_unwritten(self, queue):
-        left = self.unwritten[queue] - 1
-        if left:
-            self.unwritten[queue] = left
-        else:
-            del self.unwritten[queue]
+    def want_sync(self):
+        self.sync_wanted = True
 
     def commit(self):
-        """Write the durable batch and the deletes, synced; nothing at all when no receipt
-        waits. Raises StorageError, also when a failure earlier in the turn lost what a receipt
-        waits for (that receipt must not go out)."""
+        """Insert the batch and apply the deletes, synced; nothing when no receipt waits.
+        Raises StorageError, at once while unhealthy: the receipts of this turn must not go."""
+        if not (self.batch or self.sync_wanted):
+            return
+        batch, self.batch = self.batch, []
+        self.sync_wanted = False
         try:
-            if self.batch_failed:
-                raise self.StorageError("could not write this turn's messages")
-            if self.batch or self.sync_wanted:
-                batch, self.batch = self.batch, []
-                self._write(batch)
-        finally:
-            self.batch_failed = self.sync_wanted = False
+            if not self.healthy:
+                raise self.StorageError("storage unavailable")
+            self._write(batch)
+        except self.StorageError:
+            for msg in batch:     # kept, unconfirmed, for the next flush
+                if msg.state is BATCHED:
+                    msg.state = CACHED
+            raise
 
     def flush(self):
-        """Write everything unwritten, synced; when unhealthy, this also tries the backend again.
-        Raises StorageError."""
-        if self.healthy and not (self.cache or self.batch or self.deletes or self.applied
-                                 or self.written):
+        """Write every unsaved message and delete, synced. Raises StorageError."""
+        if self.healthy and not (self.unsaved or self.deletes or self.applied or self.inserted):
             return
-        self._write(self._take_unwritten())
-        self.unwritten = {}       # empty now; a new dict gives back what a million queues took
+        self._write([msg for msgs in self.unsaved.values() for msg in msgs.values()])
+        self.unsaved = {}         # empty now; a new dict gives back what a million queues took
 
-    def _take_unwritten(self):
-        """Empty the cache and the batch, for writing; remembers whether receipts wait on them."""
-        if self.batch:
-            self.sync_wanted = True   # the turn's commit must sync them, whoever writes them
-        msgs = self.batch + list(self.cache.values())
-        self.batch = []
-        self.cache = {}
-        self.cached_bytes = 0
-        return msgs
+    def fetch(self, queue, after, limit):
+        unsaved = list(self.unsaved.get(queue, {}).values())
+        if any(msg.state is BATCHED for msg in unsaved):
+            self.sync_wanted = True   # inserted here, they are still synced by this turn's commit
+        try:
+            self._insert(unsaved)
+            self._apply_deletes()
+            rows = self.backend.fetch(queue, after, limit)
+        except self.StorageError:
+            self._failed()
+            raise
+        return [Message.from_row(queue, row) for row in rows]
+
+    def count(self, queue):
+        try:
+            self._apply_deletes()
+            return self.backend.count(queue) + len(self.unsaved.get(queue, ()))
+        except self.StorageError:
+            self._failed()
+            raise
+
+    def over(self, max_messages, max_bytes):
+        """Whether more is held unsynced (unsaved, or in the open transaction) than should be."""
+        return (self.unsaved_count + len(self.inserted) > max_messages
+                or self.unsaved_bytes + self.inserted_bytes > max_bytes)
+
+    def close(self):
+        self.flush()
+        self.backend.close()
+
+    def _keep_unsaved(self, msg):
+        msgs = self.unsaved.get(msg.queue)
+        if msgs is None:
+            msgs = self.unsaved[msg.queue] = {}
+        msgs[msg.id] = msg
+        self.unsaved_count += 1
+        self.unsaved_bytes += len(msg.body)
+
+    def _forget_unsaved(self, msg):
+        msgs = self.unsaved[msg.queue]
+        del msgs[msg.id]
+        if not msgs:
+            del self.unsaved[msg.queue]
+        self.unsaved_count -= 1
+        self.unsaved_bytes -= len(msg.body)
 
     def _insert(self, msgs):
-        """Insert the rows of `msgs` into the open transaction: reads see them from now on, and
-        the next commit makes them durable."""
-        rows = [msg.row() for msg in msgs if msg.state is not ACKED]
-        if rows:
-            self.backend.insert(rows)
-        for msg in msgs:
-            if msg.state is not ACKED:
-                msg.state = WRITTEN
-                self.written.append(msg)
-                self.written_bytes += len(msg.body)
-                self._forget_unwritten(msg.queue)
+        """Insert the rows of the unsaved ones of `msgs` into the open transaction, a chunk at a
+        time: reads see them from now on, and the next commit makes them durable."""
+        msgs = [msg for msg in msgs if msg.state in UNSAVED]
+        for start in range(0, len(msgs), self.INSERT_CHUNK):
+            chunk = msgs[start:start + self.INSERT_CHUNK]
+            self.backend.insert([msg.row() for msg in chunk])
+            for msg in chunk:
+                self._forget_unsaved(msg)
+                msg.state = INSERTED
+                self.inserted_bytes += len(msg.body)
+            self.inserted += chunk
 
     def _write(self, msgs):
         """One transaction for `msgs`, the rows inserted before and the pending deletes,
@@ -453,15 +502,15 @@ class MessageStore:
             self._apply_deletes()
             self.backend.commit()
         except self.StorageError:
-            self._failed(msgs)
+            self._failed()
             raise
         self.healthy = True
         self.applied = []
-        for msg in self.written:
-            if msg.state is WRITTEN:
+        for msg in self.inserted:
+            if msg.state is INSERTED:
                 msg.state = ON_DISK
-        self.written = []
-        self.written_bytes = 0
+        self.inserted = []
+        self.inserted_bytes = 0
 
     def _apply_deletes(self):
         """Delete ACKed rows in the open transaction, so that reads no longer see them."""
@@ -470,70 +519,34 @@ class MessageStore:
             self.applied += ids
             self.backend.delete(ids)
 
-    def _failed(self, msgs=()):
-        """The open transaction is lost: its deletes are to be done again, and its rows and
-        those of `msgs` go back into the cache, to be written at the next flush. If a receipt
-        waited on any of them, this turn's commit must fail too."""
+    def _failed(self):
+        """The open transaction is lost: its deletes are to be done again, and its rows go back
+        into memory, to be written at the next flush."""
         self.healthy = False
         self.deletes = self.applied + self.deletes
         self.applied = []
-        lost = self.written + [msg for msg in msgs if msg.state is not WRITTEN]
-        self.written = []
-        self.written_bytes = 0
-        for msg in lost:
-            if msg.state is ACKED:
-                continue
-            if msg.state is WRITTEN:
-                self.unwritten[msg.queue] = self.unwritten.get(msg.queue, 0) + 1
-            msg.state = RETRY
-            self.cache[msg.id] = msg
-            self.cached_bytes += len(msg.body)
-        if self.sync_wanted:
-            self.batch_failed = True
-
-    def fetch(self, queue, after, limit):
-        # What is unwritten of this queue must be in the table for the read to find it in its
-        # place: insert everything unwritten into the open transaction (no sync here).
-        msgs = self._take_unwritten() if queue in self.unwritten else []
-        try:
-            self._insert(msgs)
-            self._apply_deletes()
-            rows = self.backend.fetch(queue, after, limit)
-        except self.StorageError:
-            self._failed(msgs)
-            raise
-        return [Message.from_row(queue, row) for row in rows]
-
-    def count(self, queue):
-        try:
-            self._apply_deletes()
-            return self.backend.count(queue) + self.unwritten.get(queue, 0)
-        except self.StorageError:
-            self._failed()
-            raise
-
-    def over(self, max_messages, max_bytes):
-        """Whether more is held unsynced (cached, or in the open transaction) than should be
-        before a flush."""
-        return (len(self.cache) + len(self.written) > max_messages
-                or self.cached_bytes + self.written_bytes > max_bytes)
-
-    def close(self):
-        self.flush()
-        self.backend.close()
+        for msg in self.inserted:
+            if msg.state is INSERTED:
+                msg.state = RECACHED
+                self._keep_unsaved(msg)
+        self.inserted = []
+        self.inserted_bytes = 0
 
 
 class Client:
     """One connection's broker-side state. The broker appends frames to `outbox` and sets
-    `closing`; the reactor writes the outbox, keeps `last_input`/`last_output`, and closes.
+    `closing`; the reactor writes the outbox, tells the broker what it wrote, and closes.
 
-    The outbox is a list of encoded frames, so that the frames not yet begun can be dropped
-    whole (see drop_output); `head_sent` bytes of the first one are already written, and
-    `unsent` counts the bytes still to write."""
+    A frame in the outbox is a tuple of buffers, written with one sendmsg for many frames: a
+    topic message's headers and body are buffers shared by every subscriber's outbox. Frames
+    are dropped whole or not at all (see Broker.drop_output); `head_sent` bytes of the first
+    one are written, `unsent` counts the bytes still to write, and `frames_sent` of the
+    `frames_queued` frames ever queued are fully written."""
     __slots__ = ("session", "peer", "parser", "version", "connected", "closing", "outbox",
-                 "head_sent", "unsent", "subscriptions", "deliveries", "auto_acked",
-                 "transactions", "transaction_bytes", "paused", "last_input", "last_output",
-                 "timers", "__weakref__")
+                 "head_sent", "unsent", "frames_queued", "frames_sent", "after_write",
+                 "subscriptions", "deliveries", "transactions", "transaction_bytes",
+                 "input_held", "reading_paused", "sends_to_queues", "watching_stall",
+                 "output_full", "last_input", "last_output", "timers", "__weakref__")
 
     def __init__(self, session, peer, parser):
         self.session = session
@@ -545,39 +558,28 @@ class Client:
         self.outbox = []
         self.head_sent = 0
         self.unsent = 0
+        self.frames_queued = self.frames_sent = 0
+        self.after_write = collections.deque()  # (frame number, subscription, message-id):
+                                                # deliveries waiting for their frame's write
         self.subscriptions = {}   # subscription id -> Subscription
         self.deliveries = {}      # message-id -> Subscription, for this client's unacked messages
-        self.auto_acked = []      # (subscription, message-id) ACKed once the outbox is written
         self.transactions = {}    # transaction id -> [(command handler, frame), ...]
-        self.transaction_bytes = 0    # what the frames held in transactions cost, about
-        self.paused = False       # outbox above the high-water mark: no queue deliveries
+        self.transaction_bytes = 0    # what the open transactions cost, about
+        self.input_held = 0       # bytes of input the parser holds (counted in Broker.held)
+        self.reading_paused = False   # storage backpressure: its frames wait unread
+        self.sends_to_queues = False  # it has sent to a queue: held back by backpressure
+        self.watching_stall = False   # a timer watches its incomplete frame
+        self.output_full = False  # outbox above the high-water mark: no queue deliveries
         self.last_input = self.last_output = 0.0
         self.timers = []
 
-    def output_sent(self, sent):
-        """The reactor wrote `sent` more bytes: drop the frames that are now fully written."""
-        self.unsent -= sent
-        if not self.unsent:
-            self.outbox.clear()
-            self.head_sent = 0
-            return
-        done = self.head_sent + sent
-        count = 0
-        for frame in self.outbox:
-            if done < len(frame):
-                break
-            done -= len(frame)
-            count += 1
-        del self.outbox[:count]
-        self.head_sent = done
+    def holding(self):
+        """What this connection makes the broker hold, shared buffers counted in full."""
+        return self.input_held + self.unsent + self.transaction_bytes
 
-    def drop_output(self, keep):
-        """Forget the frames after the first `keep`, except one already begun: a frame is
-        written whole or not at all."""
-        keep = max(keep, 1 if self.head_sent else 0)
-        dropped = self.outbox[keep:]
-        del self.outbox[keep:]
-        self.unsent -= sum(map(len, dropped))
+
+def frame_size(frame):
+    return sum(map(len, frame))
 
 
 QUEUE, TOPIC, PREFIX = "queue", "topic", "prefix"   # Subscription.kind
@@ -635,7 +637,7 @@ class QueueSubscription(Subscription):
     def has_room(self):
         client = self.client
         return (not self.unacked or len(self.unacked) < self.prefetch) \
-            and not client.paused and not client.closing
+            and not client.output_full and not client.closing
 
     def settle(self, msg_id):
         """Take a delivered message out of the unacked ones (ACK, NACK, ack-timeout, end) and
@@ -715,6 +717,8 @@ class Queue:
         self.cursor = Queue.START
 
 
+HEART_BEAT_FRAME = (b"\n",)
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 HEART_BEAT = re.compile(r" *([0-9]{1,9}) *, *([0-9]{1,9}) *")   # milliseconds, up to ~11 days
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20}")
 
@@ -734,10 +738,13 @@ class Broker:
     MAX_CACHED_BYTES = 64 * 1024 * 1024   # flush the cache past this, whatever -maxmsgs says
     FETCH_BATCH = 500
     CONNECT_DEADLINE = 10.0
+    STALL_DEADLINE = 30.0         # an incomplete frame must get a new byte this often
+    MAX_TRANSACTIONS = 1000       # open transactions per connection
+    TRANSACTION_COST = 1024       # what an open transaction counts for, at least
 
     def __init__(self, store, call_later, clock=time.monotonic, login=None, passcode=None,
                  max_prefetch=100, max_pending=64 * 1024 * 1024, maxmsgs=100000,
-                 flush_period=1.0, max_frame_size=16 * 1024 * 1024):
+                 flush_period=1.0, max_frame_size=16 * 1024 * 1024, max_memory=1 << 30):
         self.store = store
         self.call_later = call_later
         self.clock = clock
@@ -747,14 +754,19 @@ class Broker:
         self.max_pending = max_pending
         self.maxmsgs = maxmsgs
         self.max_frame_size = max_frame_size
+        self.max_memory = max_memory
         self.queues = {}            # name -> Queue, for queues with subscribers
         self.topics = {}            # name -> ring of its subscriptions
         self.prefixes = {}          # prefix -> ring of its subscriptions
         self.prefix_lengths = {}    # length -> how many prefixes of that length are subscribed
-        self.next_id = max(store.backend.max_id(), time.time_ns() // 1000) + 1
+        self.next_id = max(store.max_id(), time.time_ns() // 1000) + 1
         self.sessions = 0
-        self.written = set()        # clients whose outbox got bytes this turn
+        self.clients = set()
+        self.to_write = set()       # clients whose outbox or reading state changed this turn
         self.awaiting_sync = {}     # client -> its outbox's frame count before a durable RECEIPT
+        self.held = 0               # bytes clients make the broker hold (see Client.holding),
+        self.shared = {}            # a shared buffer counted once: id(memoryview) -> its users
+        self.producers_held = False  # storage backpressure: queue senders are not read
         self.flush_period = flush_period
         call_later(flush_period, self.periodic_flush)
 
@@ -765,19 +777,25 @@ class Broker:
         client = Client(f"session-{self.sessions}", peer, FrameParser(self.max_frame_size))
         client.last_input = client.last_output = self.clock()
         client.timers.append(self.call_later(self.CONNECT_DEADLINE, self.connect_deadline, client))
+        self.clients.add(client)
         return client
 
     def data_received(self, client, data):
-        """Handle every complete frame in `data`; a bad one ends the connection with an ERROR."""
+        """Handle every complete frame in `data`; a bad one ends the connection with an ERROR.
+        While storage holds producers back, a queue sender's frames wait in its parser."""
         if client.closing:
             return
+        client.last_input = self.clock()
         frame = None
         try:
             client.parser.feed(data)
             while not client.closing:
+                if client.sends_to_queues and self.producers_held:
+                    self.pause_reading(client)
+                    break
                 frame = client.parser.next_frame()
                 if frame is None:
-                    return
+                    break
                 self.handle(client, frame)
                 frame = None
         except ProtocolError as e:
@@ -790,6 +808,7 @@ class Broker:
         except Exception:         # a bug of ours: end this connection only, keep serving the rest
             log.exception("%s: internal error handling %r", client.session, frame)
             self.fail(client, "internal error", frame)
+        self.count_input(client)
 
     def connection_lost(self, client):
         """The socket is gone: every unacked queue message goes back to its queue at once."""
@@ -797,22 +816,44 @@ class Broker:
             log.debug("%s: connection closed", client.session)
         client.closing = True
         self.release(client)
+        for frame in client.outbox:
+            self.let_go(frame)
+        client.outbox = []
+        client.unsent = client.head_sent = 0
+        self.clients.discard(client)
 
-    def output_written(self, client):
-        """The reactor wrote some of the outbox. Auto-ack what is fully written; resume queue
-        deliveries once the outbox is below the high-water mark."""
-        if not client.auto_acked and not client.paused:
-            return
+    def output_written(self, client, sent):
+        """The reactor wrote `sent` more bytes of the outbox. Drop the frames now fully written;
+        what waited for their write happens now: auto-ACKs, and ack-timeouts start. Queue
+        deliveries resume once the outbox is below the high-water mark."""
+        client.unsent -= sent
+        client.last_output = self.clock()
+        outbox = client.outbox
+        done = client.head_sent + sent
+        count = 0
+        for frame in outbox:
+            size = frame_size(frame)
+            if done < size:
+                break
+            done -= size
+            count += 1
+            self.let_go(frame)
+        del outbox[:count]
+        client.head_sent = done
+        client.frames_sent += count
         touched = set()
-        if not client.outbox and client.auto_acked:
-            acked, client.auto_acked = client.auto_acked, []
-            for sub, msg_id in acked:
+        after_write = client.after_write
+        while after_write and after_write[0][0] <= client.frames_sent:
+            _, sub, msg_id = after_write.popleft()
+            if sub.ack_mode == "auto":
                 msg = sub.settle(msg_id)
                 if msg is not None:
                     self.store.ack(msg)
                     touched.add(sub)
-        if client.paused and client.unsent < self.HIGH_WATER:
-            client.paused = False
+            else:
+                self.start_ack_timeout(sub, msg_id)
+        if client.output_full and client.unsent < self.HIGH_WATER:
+            client.output_full = False
             touched.update(s for s in client.subscriptions.values() if s.kind == QUEUE)
         for sub in touched:
             self.make_ready(sub)
@@ -827,27 +868,68 @@ class Broker:
             if was_healthy:
                 log.error("storage failed, receipted frames get ERRORs until it is back: %s", e)
             for client, mark in list(self.awaiting_sync.items()):
-                client.drop_output(mark)
-                client.closing = False    # an ERROR it got this turn went with those frames
-                self.fail(client, "message could not be stored: storage unavailable")
+                self.drop_output(client, mark)
+                self.fail(client, "not confirmed: the message could not be stored (storage "
+                                  "unavailable)", again=True)
         self.awaiting_sync.clear()
-        if self.store.over(self.maxmsgs, self.MAX_CACHED_BYTES):
+        if self.store.healthy and self.store.over(self.maxmsgs, self.MAX_CACHED_BYTES):
             self.flush()
+        if self.held > self.max_memory:
+            self.shed_load()
 
     # ---- sending to clients ----------------------------------------------------------------
 
-    def send(self, client, data):
-        client.outbox.append(data)
-        client.unsent += len(data)
-        self.written.add(client)
+    def send(self, client, frame):
+        """Queue a frame (a tuple of buffers) on the client's outbox."""
+        client.outbox.append(frame)
+        client.frames_queued += 1
+        size = 0
+        for buf in frame:
+            size += len(buf)
+            if type(buf) is memoryview:      # shared: counted once, however many hold it
+                users = self.shared.get(id(buf), 0)
+                self.shared[id(buf)] = users + 1
+                if not users:
+                    self.held += len(buf)
+            else:
+                self.held += len(buf)
+        client.unsent += size
+        self.to_write.add(client)
         if client.unsent > self.HIGH_WATER:
-            client.paused = True
+            client.output_full = True
         if client.unsent > self.max_pending and not client.closing:
-            client.drop_output(0)         # it would not read them in time; the ERROR goes next
+            self.drop_output(client, 0)   # it would not read them in time; the ERROR goes next
             self.fail(client, "slow consumer: too much unsent output")
 
+    def let_go(self, frame):
+        """A frame left an outbox (written or dropped): uncount what it held."""
+        for buf in frame:
+            if type(buf) is memoryview:
+                users = self.shared.pop(id(buf)) - 1
+                if users:
+                    self.shared[id(buf)] = users
+                else:
+                    self.held -= len(buf)
+            else:
+                self.held -= len(buf)
+
+    def drop_output(self, client, keep):
+        """Forget the frames after the first `keep`, except one already begun: a frame is
+        written whole or not at all. Deliveries in dropped frames stay unacked, and go back
+        to their queues when the connection closes."""
+        keep = max(keep, 1 if client.head_sent else 0)
+        dropped = client.outbox[keep:]
+        del client.outbox[keep:]
+        for frame in dropped:
+            client.unsent -= frame_size(frame)
+            self.let_go(frame)
+        client.frames_queued -= len(dropped)
+        after_write = client.after_write
+        while after_write and after_write[-1][0] > client.frames_queued:
+            after_write.pop()
+
     def send_frame(self, client, command, headers, body=None):
-        self.send(client, encode_frame(command, headers, body, client.version))
+        self.send(client, (encode_frame(command, headers, body, client.version),))
 
     def receipt(self, client, frame, **extra):
         receipt_id = frame.headers.get("receipt")
@@ -859,10 +941,11 @@ class Broker:
         that fails, it is replaced by an ERROR (see end_of_turn)."""
         self.awaiting_sync.setdefault(client, len(client.outbox))   # a count of frames
 
-    def fail(self, client, message, frame=None, receipt_id=None, **extra):
+    def fail(self, client, message, frame=None, receipt_id=None, again=False, **extra):
         """The one place that answers a client's mistake: ERROR, then close, and release.
-        The ERROR answers the receipt of the bad `frame` (or `receipt_id`) if it had one."""
-        if client.closing:
+        The ERROR answers the receipt of the bad `frame` (or `receipt_id`) if it had one.
+        `again`: the client may be closing already, but its ERROR was dropped."""
+        if client.closing and not again:
             return
         log.info("%s: ERROR %s", client.session, message)
         headers = [("message", message), *extra.items()]
@@ -877,8 +960,53 @@ class Broker:
     def close(self, client):
         """Close after the outbox is written; unacked messages go back to their queues now."""
         client.closing = True
-        self.written.add(client)
+        self.to_write.add(client)
         self.release(client)
+
+    # ---- memory and backpressure -----------------------------------------------------------
+
+    def count_input(self, client):
+        """Count what the client's parser holds; watch an incomplete frame for stalls."""
+        held = client.parser.buffered() if not client.closing else 0
+        self.held += held - client.input_held
+        client.input_held = held
+        if held and not client.watching_stall and not client.reading_paused:
+            client.watching_stall = True
+            client.timers.append(self.call_later(self.STALL_DEADLINE, self.check_stalled,
+                                                 client))
+        if self.held > self.max_memory:
+            self.shed_load()
+
+    def shed_load(self):
+        """Over -max-memory: close the connections that hold the most until under it."""
+        while self.held > self.max_memory:
+            open_clients = [c for c in self.clients if not c.closing]
+            if not open_clients:
+                return
+            worst = max(open_clients, key=Client.holding)
+            self.drop_output(worst, 0)
+            self.fail(worst, "the broker's memory limit is reached (-max-memory) and this "
+                             "connection holds the most")
+
+    def pause_reading(self, client):
+        client.reading_paused = True
+        self.to_write.add(client)     # the reactor stops reading its socket
+
+    def hold_producers(self, held):
+        """Storage backpressure on or off. Off: read the held-back producers again, starting
+        with the frames already in their parsers."""
+        self.producers_held = held
+        if held:
+            log.warning("storage unavailable and the cache is full: not reading from the "
+                        "connections that send to queues until a flush succeeds")
+        else:
+            self.call_later(0, self.resume_reading)   # at the start of a turn, before commit
+
+    def resume_reading(self):
+        for client in [c for c in self.clients if c.reading_paused]:
+            client.reading_paused = False
+            self.to_write.add(client)
+            self.data_received(client, b"")
 
     # ---- frames ------------------------------------------------------------------------------
 
@@ -892,11 +1020,11 @@ class Broker:
         if tx is not None and handler in self.TRANSACTIONAL:
             if tx not in client.transactions:
                 raise ClientError(f"unknown transaction {tx[:40]!r}")
-            if handler is Broker.cmd_send:
-                self.parse_send(frame)    # refuse a bad SEND now: COMMIT must not fail halfway
-            client.transaction_bytes += self.held_cost(frame)
-            if client.transaction_bytes > self.max_pending:
-                raise ClientError("transactions too large: COMMIT or ABORT sooner")
+            if handler is Broker.cmd_send:    # refuse a bad frame now: COMMIT applies all
+                self.parse_send(frame)
+            else:
+                self.ack_id(frame)
+            self.hold_for_transaction(client, self.held_cost(frame))
             client.transactions[tx].append((handler, frame))
             self.receipt(client, frame)
             return
@@ -944,6 +1072,8 @@ class Broker:
         """('queue'|'topic'|'control', name) from a destination, or a ClientError."""
         if destination is None:
             raise ClientError("missing destination header")
+        if CONTROL_CHARACTER.search(destination):
+            raise ClientError(f"control character in destination {destination[:100]!r}")
         kind, _, name = destination[1:].partition("/")
         if not destination.startswith("/") or kind not in ("queue", "topic", "control") \
                 or not name:
@@ -951,9 +1081,13 @@ class Broker:
         return kind, name
 
     def parse_send(self, frame):
+        """(kind, name, rank, ack_timeout) of a SEND, every header checked; for a control
+        destination, name is (question, kind, target) (see control)."""
         h = frame.headers
         kind, name = self.parse_destination(h.get("destination"))
-        if kind != "control" and name.endswith("*"):
+        if kind == "control":
+            name = self.parse_control(name)
+        elif name.endswith("*"):
             raise ClientError("cannot SEND to a destination ending in '*'")
         priority = h.get("priority")
         priority = 0 if priority is None else parse_int(priority, "priority")
@@ -984,6 +1118,9 @@ class Broker:
             if durable and not self.store.healthy:
                 raise ClientError("message not stored: storage unavailable")
             self.store.save(msg, durable)
+            client.sends_to_queues = True
+            if not self.store.healthy:
+                self.check_backpressure()
             queue = self.queues.get(name)
             if queue is not None:
                 self.offer(queue, msg)
@@ -992,18 +1129,26 @@ class Broker:
                 self.hold_until_synced(client)
         self.receipt(client, frame)
 
-    def control(self, client, frame, name):
-        what, _, target = name.partition("/")
+    CONTROLS = (("count-msgs", "queue"), ("count-subscribers", "queue"),
+                ("count-subscribers", "topic"))
+
+    def parse_control(self, name):
+        """(question, kind, target) of a control destination /control/QUESTION/KIND/TARGET."""
+        question, _, target = name.partition("/")
         kind, target = self.parse_destination("/" + target) if target else (None, None)
-        if what == "count-msgs" and kind == "queue":
+        if (question, kind) not in self.CONTROLS:
+            raise ClientError(f"unknown control destination /control/{name[:100]}")
+        return question, kind, target
+
+    def control(self, client, frame, control):
+        question, kind, target = control
+        if question == "count-msgs":
             answer = {"num-messages": str(self.store.count(target))}
-        elif what == "count-subscribers" and kind == "queue":
+        elif kind == "queue":
             queue = self.queues.get(target)
             answer = {"num-subscribers": str(queue.subscribers if queue else 0)}
-        elif what == "count-subscribers" and kind == "topic":
-            answer = {"num-subscribers": str(len(self.topic_subscribers(target)))}
         else:
-            raise ClientError(f"unknown control destination /control/{name[:100]}")
+            answer = {"num-subscribers": str(len(self.topic_subscribers(target)))}
         self.receipt(client, frame, **answer)
 
     def cmd_subscribe(self, client, frame):
@@ -1062,7 +1207,7 @@ class Broker:
         for sub in subs:
             self.make_ready(sub)
         if "receipt" in frame.headers:
-            self.store.sync_wanted = True
+            self.store.want_sync()
             self.hold_until_synced(client)
         self.receipt(client, frame)
 
@@ -1079,9 +1224,7 @@ class Broker:
         """The (subscription, message) pairs an ACK or NACK settles, taken out of the client's
         deliveries. Cumulative in `client` mode since 1.1; an unknown id settles nothing."""
         h = frame.headers
-        msg_id = h.get("id", h.get("message-id"))
-        if msg_id is None:
-            raise ClientError(f"{frame.command} needs an id or message-id header")
+        msg_id = self.ack_id(frame)
         sub = client.deliveries.get(msg_id)
         if sub is None:
             if msg_id != h.get("message-id") and h.get("message-id") in client.deliveries:
@@ -1099,10 +1242,23 @@ class Broker:
             ids = [msg_id]
         return [(sub, sub.settle(i)) for i in ids]
 
+    @staticmethod
+    def ack_id(frame):
+        """The message an ACK or NACK names: `id` (1.2), else `message-id`."""
+        h = frame.headers
+        msg_id = h.get("id", h.get("message-id"))
+        if msg_id is None:
+            raise ClientError(f"{frame.command} needs an id or message-id header")
+        return msg_id
+
     def cmd_begin(self, client, frame):
         tx = self.transaction_id(frame)
         if tx in client.transactions:
             raise ClientError(f"transaction {tx[:40]!r} already begun")
+        if len(client.transactions) >= self.MAX_TRANSACTIONS:
+            raise ClientError(f"too many open transactions (at most {self.MAX_TRANSACTIONS}): "
+                              f"COMMIT or ABORT first")
+        self.hold_for_transaction(client, self.TRANSACTION_COST)
         client.transactions[tx] = []
         self.receipt(client, frame)
 
@@ -1111,10 +1267,19 @@ class Broker:
         """About the memory a frame held in a transaction takes: its body and its objects."""
         return len(frame.body) + 512
 
+    def hold_for_transaction(self, client, cost):
+        """Count what an open transaction holds (against -max-pending and -max-memory)."""
+        client.transaction_bytes += cost
+        self.held += cost
+        if client.transaction_bytes > self.max_pending:
+            raise ClientError("transactions too large: COMMIT or ABORT sooner")
+
     def end_transaction(self, client, tx):
         """The frames of transaction `tx`, now no longer held."""
         frames = client.transactions.pop(tx)
-        client.transaction_bytes -= sum(self.held_cost(inner) for _, inner in frames)
+        cost = self.TRANSACTION_COST + sum(self.held_cost(inner) for _, inner in frames)
+        client.transaction_bytes -= cost
+        self.held -= cost
         return frames
 
     def cmd_commit(self, client, frame):
@@ -1122,6 +1287,9 @@ class Broker:
         if tx not in client.transactions:
             raise ClientError(f"unknown transaction {tx[:40]!r}")
         durable = "receipt" in frame.headers       # then the whole COMMIT is synced first
+        if durable and not self.store.healthy and any(
+                handler is Broker.cmd_send for handler, _ in client.transactions[tx]):
+            raise ClientError("COMMIT refused, nothing applied: storage unavailable")
         for handler, inner in self.end_transaction(client, tx):
             inner.headers.pop("receipt", None)      # answered when taken into the transaction
             if handler is Broker.cmd_send:
@@ -1129,7 +1297,7 @@ class Broker:
             else:
                 handler(self, client, inner)
         if durable:
-            self.store.sync_wanted = True
+            self.store.want_sync()
             self.hold_until_synced(client)
         self.receipt(client, frame)
 
@@ -1168,11 +1336,21 @@ class Broker:
         return found
 
     def publish(self, msg, name):
-        """Deliver a topic message to every matching subscription, once each. Not stored."""
+        """Deliver a topic message to every matching subscription, once each. Not stored.
+        Every outbox gets the same buffers for the body and, per version, for the headers
+        after the subscriber's own: held once, however many subscribers there are."""
         destination = "/topic/" + name
+        body = memoryview(msg.body)
+        tails = {}
         for sub in self.topic_subscribers(name):
-            if not sub.client.closing:
-                self.send_message(sub, msg, destination)
+            client = sub.client
+            if client.closing:
+                continue
+            tail = tails.get(client.version)
+            if tail is None:
+                tail = tails[client.version] = memoryview(
+                    self.message_tail(msg, destination, client.version))
+            self.send(client, (self.message_head(sub, msg), tail, body, FRAME_END))
 
     # ---- queues --------------------------------------------------------------------------------
 
@@ -1240,42 +1418,45 @@ class Broker:
                 self.dispatch(queue)
 
     def deliver(self, sub, msg):
-        """Write a queue message to a subscriber and remember it until it is ACKed."""
+        """Write a queue message to a subscriber and remember it until it is ACKed. In `auto`
+        mode it counts as ACKed, and otherwise its ack-timeout starts, once it is written."""
         client = sub.client
         msg_id = str(msg.id)
         if sub.unacked is None:
             sub.unacked = {}
         sub.unacked[msg_id] = msg
-        if sub.ack_mode == "auto":
-            client.auto_acked.append((sub, msg_id))
-        else:
+        if sub.ack_mode != "auto":
             client.deliveries[msg_id] = sub
-        if msg.ack_timeout:
-            msg.timer = self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id)
-        self.send_message(sub, msg, "/queue/" + msg.queue)
+        tail = self.message_tail(msg, "/queue/" + msg.queue, client.version)
+        self.send(client, (self.message_head(sub, msg), tail, msg.body, FRAME_END))
+        if sub.ack_mode == "auto" or msg.ack_timeout:
+            client.after_write.append((client.frames_queued, sub, msg_id))
 
-    def send_message(self, sub, msg, destination):
-        client = sub.client
-        version = client.version
+    def start_ack_timeout(self, sub, msg_id):
+        """The MESSAGE is written: its ack-timeout, if it has one, runs from now."""
+        msg = sub.unacked.get(msg_id) if sub.unacked else None
+        if msg is not None and msg.ack_timeout:
+            if msg.timer is not None:
+                msg.timer.cancel()
+            msg.timer = self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id)
+
+    @staticmethod
+    def message_head(sub, msg):
+        """The start of a MESSAGE frame: the command and the headers of this delivery."""
         msg_id = str(msg.id)
-        escape = ESCAPE_TABLES[version]
-        head = [f"MESSAGE\nsubscription:{sub.id.translate(escape)}\nmessage-id:{msg_id}\n"]
+        headers = [("subscription", sub.id), ("message-id", msg_id)]
+        version = sub.client.version
         if version == "1.2" and sub.ack_mode != "auto":
-            head.append(f"ack:{msg_id}\n")
+            headers.append(("ack", msg_id))
         if msg.redelivered:
-            head.append("redelivered:true\n")
-        tails = msg.tails
-        if tails is None:
-            tails = msg.tails = {}
-        tail = tails.get(version)
-        if tail is None:
-            lines = [f"destination:{destination}\n"]
-            lines.extend(f"{k.translate(escape)}:{v.translate(escape)}\n" for k, v in msg.headers)
-            lines.append(f"content-length:{len(msg.body)}\n\n")
-            tail = tails[version] = "".join(lines).encode() + msg.body + b"\0\n"
-        self.send(client, "".join(head).encode() + tail)
-        if msg.queue is not None:
-            msg.tails = None          # queue messages go out once; do not keep a second copy
+            headers.append(("redelivered", "true"))
+        return b"MESSAGE\n" + encode_headers(headers, version)
+
+    @staticmethod
+    def message_tail(msg, destination, version):
+        """The rest of a MESSAGE's head: the headers every subscriber gets alike."""
+        return encode_headers([("destination", destination), *msg.headers,
+                               ("content-length", len(msg.body))], version) + b"\n"
 
     def requeue(self, sub, msg):
         """Put a delivered message back in its queue, marked redelivered; returns the queue."""
@@ -1326,8 +1507,10 @@ class Broker:
             timer.cancel()
         client.timers = []
         client.transactions.clear()
-        client.transaction_bytes = 0
-        client.auto_acked = []
+        self.held -= client.transaction_bytes + client.input_held
+        client.transaction_bytes = client.input_held = 0
+        client.parser.discard()
+        client.after_write.clear()
         for sub in list(client.subscriptions.values()):
             self.unsubscribe(sub)
         # Python dicts keep their size when emptied; give back what a million entries took.
@@ -1348,7 +1531,7 @@ class Broker:
             return
         now = self.clock()
         if now - client.last_output >= interval * 0.9 and not client.outbox:
-            self.send(client, b"\n")
+            self.send(client, HEART_BEAT_FRAME)
             client.last_output = now
         client.timers.append(self.call_later(
             max(0.01, client.last_output + interval - now), self.beat, client, interval))
@@ -1359,12 +1542,28 @@ class Broker:
         if client.closing:
             return
         now = self.clock()
-        if now - client.last_input >= grace:
+        if client.reading_paused:     # we are the ones not reading
+            client.last_input = now
+        elif now - client.last_input >= grace:
             log.info("%s: no heart-beat for %gs, closing", client.session, grace)
             self.close(client)
             return
         client.timers.append(self.call_later(client.last_input + grace - now, self.check_alive,
                                              client, grace))
+        self.prune_timers(client)
+
+    def check_stalled(self, client):
+        """Close a connection whose incomplete frame got no new byte for STALL_DEADLINE."""
+        client.watching_stall = False
+        if client.closing or not client.input_held or client.reading_paused:
+            return
+        idle = self.clock() - client.last_input
+        if idle >= self.STALL_DEADLINE:
+            self.fail(client, f"incomplete frame: nothing arrived for {self.STALL_DEADLINE:g}s")
+            return
+        client.watching_stall = True
+        client.timers.append(self.call_later(self.STALL_DEADLINE - idle, self.check_stalled,
+                                             client))
         self.prune_timers(client)
 
     @staticmethod
@@ -1377,17 +1576,27 @@ class Broker:
         self.call_later(self.flush_period, self.periodic_flush)
 
     def flush(self):
+        """Write the cache; while storage is unavailable this is the one retry per period."""
         was_healthy = self.store.healthy
         try:
             self.store.flush()
         except self.store.StorageError as e:
             if was_healthy:
-                log.error("storage failed, keeping messages in memory: %s", e)
-            return
-        if not was_healthy:
-            log.warning("storage is back")
-            for queue in list(self.queues.values()):
-                self.dispatch(queue)
+                log.error("storage failed, keeping messages in memory and trying again every "
+                          "%gs: %s", self.flush_period, e)
+        else:
+            if not was_healthy:
+                log.warning("storage is back")
+                for queue in list(self.queues.values()):
+                    self.dispatch(queue)
+        self.check_backpressure()
+
+    def check_backpressure(self):
+        """While storage is unavailable, the cache takes unreceipted messages up to -maxmsgs
+        or MAX_CACHED_BYTES; past that the connections that SEND to queues are not read."""
+        full = not self.store.healthy and self.store.over(self.maxmsgs, self.MAX_CACHED_BYTES)
+        if full != self.producers_held:
+            self.hold_producers(full)
 
     def shutdown(self):
         """Flush the cache and close the store (SIGINT/SIGTERM)."""
@@ -1423,10 +1632,11 @@ class Reactor:
     touched outbox with one sendmsg call each (more only if the kernel takes less)."""
 
     READ_SIZE = 256 * 1024
-    MAX_BUFFERS = 1024            # frames per sendmsg call (the kernel's IOV_MAX)
+    MAX_BUFFERS = 1024            # buffers per sendmsg call (the kernel's IOV_MAX)
     GATHER = 0.0005               # longest wait for more SENDs to share a disk sync
     CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
     MIN_COMPACT = 4096            # timers in the heap before cancelled ones are swept out
+    ACCEPT_PAUSES = (0.1, 1.0)    # out of file descriptors: first and longest accept pause
 
     def __init__(self, listener, clock=time.monotonic):
         self.listener = listener
@@ -1441,6 +1651,7 @@ class Reactor:
         self.read_buffer = bytearray(self.READ_SIZE)
         self.read_view = memoryview(self.read_buffer)
         self.stopping = False
+        self.accept_pause = 0     # seconds accepting is paused for, while out of descriptors
         self.broker = None
         self.wakeup_r, self.wakeup_w = socket.socketpair()
         for s in (self.wakeup_r, self.wakeup_w):
@@ -1482,7 +1693,7 @@ class Reactor:
         broker = self.broker
         while not self.stopping:
             timeout = self.run_due_timers()
-            if broker.written:            # output is waiting: do not sleep before writing it
+            if broker.to_write:           # output is waiting: do not sleep before writing it
                 timeout = 0
             self.handle_events(timeout)
             self.gather_commit()
@@ -1514,22 +1725,41 @@ class Reactor:
                 if events & selectors.EVENT_READ:
                     self.read(client)
                 if events & selectors.EVENT_WRITE:   # written after the turn's commit
-                    self.broker.written.add(client)
+                    self.broker.to_write.add(client)
 
     def accept(self):
         for _ in range(256):
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                if self.accept_pause:
+                    log.warning("accepting connections again")
+                    self.accept_pause = 0
                 return
-            except OSError as e:         # out of file descriptors, and the like: keep going
-                log.error("accept failed: %s", e)
-                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.pause_accepting(e)
+                return                   # else the peer gave up already (ECONNABORTED, ...)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client = self.broker.connection_made(f"{peer[0]}:{peer[1]}")
             self.sockets[client] = sock
             self.selector.register(sock, selectors.EVENT_READ, client)
+
+    def pause_accepting(self, error):
+        """Out of file descriptors: the listener would be ready again at once, so stop
+        watching it for a moment (doubling, up to a second) and serve the open connections."""
+        if not self.accept_pause:
+            log.error("cannot accept connections (%s): pausing accept, serving the %d open "
+                      "connections", error.strerror, len(self.sockets))
+        first, longest = self.ACCEPT_PAUSES
+        self.accept_pause = min(longest, 2 * self.accept_pause or first)
+        self.watch(self.listener, "listener", 0)
+        self.call_later(self.accept_pause, self.resume_accepting)
+
+    def resume_accepting(self):
+        if not self.stopping:
+            self.watch(self.listener, "listener", selectors.EVENT_READ)
 
     def read(self, client):
         sock = self.sockets.get(client)
@@ -1544,25 +1774,35 @@ class Reactor:
         if not size:
             self.close(client)
             return
-        client.last_input = self.clock()
         self.broker.data_received(client, self.read_view[:size])
 
     def flush_outboxes(self):
         """Write every outbox that got bytes; what writing causes (auto-ACKs make room for more
         deliveries) is written in the next turn, so that one busy client cannot starve others."""
-        written, self.broker.written = self.broker.written, set()
+        written, self.broker.to_write = self.broker.to_write, set()
         for client in written:
             self.write(client)
 
     def write(self, client):
+        """Write what the kernel takes of the outbox; then watch the socket for what is next:
+        reading (unless closing or held back) and writing (while output waits)."""
         sock = self.sockets.get(client)
         if sock is None:
             return
         outbox = client.outbox
         if outbox:
-            buffers = outbox[:self.MAX_BUFFERS]
-            if client.head_sent:
-                buffers[0] = memoryview(buffers[0])[client.head_sent:]
+            buffers = []
+            for frame in outbox:
+                buffers += frame
+                if len(buffers) >= self.MAX_BUFFERS:
+                    del buffers[self.MAX_BUFFERS:]
+                    break
+            skip = client.head_sent
+            while skip:                   # the part of the first frame written already
+                if skip < len(buffers[0]):
+                    buffers[0] = memoryview(buffers[0])[skip:]
+                    break
+                skip -= len(buffers.pop(0))
             try:
                 sent = sock.sendmsg(buffers)
             except (BlockingIOError, InterruptedError):
@@ -1571,27 +1811,41 @@ class Reactor:
                 self.close(client)
                 return
             if sent:
-                client.output_sent(sent)
-                client.last_output = self.clock()
-                self.broker.output_written(client)
+                self.broker.output_written(client, sent)
         if client.closing and not outbox:
             self.close(client)
             return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if outbox else 0)
         if client.closing:            # stop reading; give the outbox a little time to drain
             want = selectors.EVENT_WRITE
             if client not in self.draining:
                 self.draining.add(client)
                 self.call_later(self.CLOSE_GRACE, self.close, client)
-        if self.selector.get_key(sock).events != want:
-            self.selector.modify(sock, want, client)
+        else:
+            want = ((0 if client.reading_paused else selectors.EVENT_READ)
+                    | (selectors.EVENT_WRITE if outbox else 0))
+        self.watch(sock, client, want)
+
+    def watch(self, sock, client, events):
+        """Have the selector watch `sock` for `events` (none: not at all)."""
+        try:
+            current = self.selector.get_key(sock).events
+        except KeyError:
+            current = 0
+        if events == current:
+            return
+        if not events:
+            self.selector.unregister(sock)
+        elif not current:
+            self.selector.register(sock, events, client)
+        else:
+            self.selector.modify(sock, events, client)
 
     def close(self, client):
         self.draining.discard(client)
         sock = self.sockets.pop(client, None)
         if sock is None:
             return
-        self.selector.unregister(sock)
+        self.watch(sock, client, 0)
         sock.close()
         self.broker.connection_lost(client)
 
@@ -1607,7 +1861,7 @@ class Reactor:
 
     def stop(self):
         """Stop accepting, handle what already arrived, flush and close everything."""
-        self.selector.unregister(self.listener)
+        self.watch(self.listener, "listener", 0)
         self.listener.close()
         for client in list(self.sockets):
             try:
@@ -1642,6 +1896,9 @@ Usage: python3 ocamlmq.py [options] [sqlite3 database (default: ocamlmq.db)]
   -max-frame-size BYTES   largest frame accepted, headers and body (default: 16777216)
   -max-pending BYTES      unsent output after which a connection is closed, and the most
                           its open transactions may hold (default: 67108864)
+  -max-memory BYTES       the most all clients together may make the broker hold (input,
+                          output, transactions); past it the biggest is closed
+                          (default: 1073741824)
   -pg CONNINFO            store messages in PostgreSQL (libpq conninfo or postgresql:// URI;
                           PG* environment variables apply) instead of the sqlite file
   -debug                  debug logging to stderr
@@ -1679,7 +1936,8 @@ OPTIONS = {  # flag -> (setting, conversion); None means a flag without a value
     "flush-period": ("flush_period", positive_float), "max-prefetch": ("max_prefetch",
                                                                        positive_int),
     "max-frame-size": ("max_frame_size", positive_int),
-    "max-pending": ("max_pending", positive_int), "pg": ("pg", str), "debug": ("debug", None),
+    "max-pending": ("max_pending", positive_int), "max-memory": ("max_memory", positive_int),
+    "pg": ("pg", str), "debug": ("debug", None),
 }
 
 
@@ -1687,6 +1945,7 @@ def parse_args(argv):
     settings = {"port": 61613, "address": "127.0.0.1", "login": None, "passcode": None,
                 "maxmsgs": 100000, "flush_period": 1.0, "max_prefetch": 100,
                 "max_frame_size": 16 * 1024 * 1024, "max_pending": 64 * 1024 * 1024,
+                "max_memory": 1 << 30,
                 "pg": None, "debug": False, "database": "ocamlmq.db"}
     positional = []
     args = list(argv)
@@ -1765,7 +2024,8 @@ def main(argv):
                                 max_prefetch=settings["max_prefetch"],
                                 max_pending=settings["max_pending"],
                                 maxmsgs=settings["maxmsgs"], flush_period=settings["flush_period"],
-                                max_frame_size=settings["max_frame_size"])
+                                max_frame_size=settings["max_frame_size"],
+                                max_memory=settings["max_memory"])
     except ImportError as e:
         print(f"ocamlmq.py: -pg needs psycopg2 ({e})", file=sys.stderr)
         return 1

@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, rank);
 """
 
+BUSY_TIMEOUT_MS = 100                # the longest wait for a lock held by another process: the
+                                    # reactor waits with it (5 s at start, when nothing waits)
 INSERT_ROWS = 100                   # rows per INSERT: 600 parameters, under sqlite's old 999
 FETCH = ("SELECT id, rank, ack_timeout, headers, body FROM messages"
          " WHERE queue = ? AND (rank, id) > (?, ?) ORDER BY rank, id LIMIT ?")
@@ -54,6 +56,7 @@ class SqliteBackend:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self.db.execute("BEGIN")
         except sqlite3.Error as e:
             raise StorageError(f"cannot use sqlite database {path!r}: {e}") from None
@@ -105,14 +108,16 @@ class SqliteBackend:
         try:
             return operation()
         except sqlite3.Error as e:
-            self._reopen_transaction()
+            self._restart_transaction()
             raise StorageError(f"sqlite: {e}") from None
 
-    def _reopen_transaction(self):
-        """Some failures make sqlite roll the transaction back: open a new one, so that the
-        writes that follow still wait for the next commit()."""
+    def _restart_transaction(self):
+        """A failure loses the open transaction (the store writes it all again): roll back
+        what sqlite did not, so that no stale snapshot or half-done write stays behind, and
+        open a new one for the writes that follow."""
         try:
-            if not self.db.in_transaction:
-                self.db.execute("BEGIN")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            self.db.execute("BEGIN")
         except sqlite3.Error:
             pass                  # the next call fails and tries again

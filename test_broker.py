@@ -374,7 +374,8 @@ def test_stomp_1_1_destination_with_a_leading_blank_is_not_trimmed(broker, qname
 @pytest.mark.parametrize("version", ["1.1", "1.2"])
 def test_escapes_are_decoded_on_input_and_encoded_on_message(broker, qname, version):
     """Escaped on the way in, decoded (a 1.0 subscriber, which has no escapes, sees the real
-    characters, a newline as a blank), escaped again for a 1.1/1.2 subscriber."""
+    characters, a newline as a blank, and a colon in a header name as a blank, so that it
+    cannot split the line into another header), escaped again for a 1.1/1.2 subscriber."""
     sub = broker.client(version)
     sub.subscribe(f"/topic/{qname}")
     plain = broker.client("1.0")
@@ -388,7 +389,7 @@ def test_escapes_are_decoded_on_input_and_encoded_on_message(broker, qname, vers
     assert m["x\\cname"] == "v", m
     m = plain.message()
     assert m["x-esc"] == "a:b c\\d", m
-    assert m["x"] == "name:v", m
+    assert m["x name"] == "v" and "x" not in m, m
 
 
 def test_escaped_cr_is_decoded_and_encoded_in_1_2(broker, qname):

@@ -229,8 +229,8 @@ def round_trip(examples):
            sizes=chunk_sizes)
     @example(command="SEND", headers=[("a:b", "v"), ("c\\d\ne", "w")], body=b"x", version="1.2", sizes=[])
     def check(command, headers, body, version, sizes):
-        if version == "1.1":      # 1.1 has no \r escape: a raw CR before the EOL is the EOL's
-            headers = [(k, v) for k, v in headers if not v.endswith("\r")]
+        if version == "1.1":      # 1.1 has no \r escape: the codec writes a CR as a blank
+            headers = [(k, v) for k, v in headers if "\r" not in k + v]
         _count("round-trip")
         data = encode_frame(command, headers, body, version)
         frames, err = parse_all(chunked(data + data, sizes), version,

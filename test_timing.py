@@ -1,0 +1,238 @@
+"""Timing logic on an in-process Broker: a fake clock, fake timers, a real sqlite store.
+
+What crosses the wire is tested on the real broker process elsewhere; here the deadlines that
+would make black-box tests slow or flaky are driven by hand (SPEC §7 ack-timeouts, §9 the
+incomplete-frame deadline and storage backpressure). The test plays the reactor: it feeds
+bytes to `data_received`, ends turns, and says how much of an outbox the "socket" took.
+"""
+
+import heapq
+import sqlite3
+
+import pytest
+
+import ocamlmq
+import storage_sqlite
+from conftest import encode_frame
+
+
+class FakeTimers:
+    """A clock that moves only when told, and the timers that run as it moves."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.heap = []
+        self.sequence = 0
+
+    def clock(self):
+        return self.now
+
+    def call_later(self, delay, callback, *args):
+        timer = ocamlmq.Timer(self.now + delay, callback, args)
+        self.sequence += 1
+        heapq.heappush(self.heap, (timer.deadline, self.sequence, timer))
+        return timer
+
+    def advance(self, seconds):
+        end = self.now + seconds
+        while self.heap and self.heap[0][0] <= end:
+            deadline, _, timer = heapq.heappop(self.heap)
+            if not timer.cancelled:
+                self.now = max(self.now, deadline)
+                timer.fired = True
+                timer.callback(*timer.args)
+        self.now = end
+
+
+class Harness:
+    """A Broker on a real sqlite store, and helpers that play the reactor's part."""
+
+    def __init__(self, tmp_path, **settings):
+        self.timers = FakeTimers()
+        self.db = str(tmp_path / "broker.db")
+        store = ocamlmq.MessageStore(storage_sqlite.SqliteBackend(self.db),
+                                     storage_sqlite.StorageError)
+        self.broker = ocamlmq.Broker(store, self.timers.call_later, clock=self.timers.clock,
+                                     **settings)
+
+    def connect(self, version="1.2", **headers):
+        client = self.broker.connection_made("test")
+        self.feed(client, encode_frame("CONNECT", {"accept-version": version, **headers}))
+        assert [f.command for f in self.write(client)] == ["CONNECTED"]
+        return client
+
+    def feed(self, client, data):
+        """Bytes arrive from the client, then the turn ends (commit)."""
+        self.broker.data_received(client, data)
+        self.broker.end_of_turn()
+
+    def write(self, client, limit=None):
+        """The socket takes up to `limit` bytes of the outbox (all by default); returns the
+        frames fully taken."""
+        data = b"".join(b"".join(bytes(buf) for buf in frame) for frame in client.outbox)
+        data = data[client.head_sent:]
+        taken = len(data) if limit is None else min(limit, len(data))
+        if taken:
+            self.broker.output_written(client, taken)
+        parser = ocamlmq.FrameParser()
+        parser.feed(data[:taken])
+        frames = []
+        while (frame := parser.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    @staticmethod
+    def queued(client):
+        """The frames waiting in the outbox, not yet written."""
+        parser = ocamlmq.FrameParser()
+        parser.feed(b"".join(b"".join(bytes(buf) for buf in frame) for frame in client.outbox))
+        frames = []
+        while (frame := parser.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+
+@pytest.fixture
+def harness(tmp_path):
+    h = Harness(tmp_path)
+    yield h
+    h.broker.shutdown()
+
+
+# --- §9: an ack-timeout counts from the write -----------------------------------------------
+
+def test_an_ack_timeout_counts_from_when_the_message_is_written_not_queued(harness):
+    """A MESSAGE stuck behind a full socket is not taken back by its ack-timeout: the timer
+    starts when the frame is written. Once written, it runs its full length."""
+    consumer = harness.connect()
+    harness.feed(consumer, encode_frame("SUBSCRIBE", {"destination": "/queue/q", "id": "s",
+                                                      "ack": "client-individual"}))
+    producer = harness.connect()
+    harness.feed(producer, encode_frame("SEND", {"destination": "/queue/q", "ack-timeout": "1"},
+                                        b"job"))
+    assert [f.command for f in harness.queued(consumer)] == ["MESSAGE"]
+    harness.timers.advance(5.0)               # the consumer's socket takes nothing
+    queued = harness.queued(consumer)
+    assert len(queued) == 1 and "redelivered" not in queued[0].headers, queued
+    harness.write(consumer, limit=10)         # a part of the frame is not the frame
+    harness.timers.advance(5.0)
+    assert len(harness.queued(consumer)) == 1
+    [message] = harness.write(consumer)
+    assert message.body == b"job"
+    harness.timers.advance(0.9)
+    assert harness.queued(consumer) == []
+    harness.timers.advance(0.2)               # 1.1 s after the write: taken back, sent again
+    [again] = harness.queued(consumer)
+    assert again.headers["redelivered"] == "true"
+    assert again.headers["message-id"] == message.headers["message-id"]
+
+
+def test_an_auto_ack_counts_only_once_the_message_is_written(harness):
+    """In auto mode a message counts as ACKed once its own frame is written: when the
+    connection dies, the written one is done and the unwritten one goes back to the queue."""
+    consumer = harness.connect()
+    harness.feed(consumer, encode_frame("SUBSCRIBE", {"destination": "/queue/q", "id": "s"}))
+    producer = harness.connect()
+    for body in (b"one", b"two"):
+        harness.feed(producer, encode_frame("SEND", {"destination": "/queue/q"}, body))
+    [first] = harness.write(consumer, limit=len(b"".join(consumer.outbox[0])))
+    assert first.body == b"one"
+    harness.broker.connection_lost(consumer)
+    other = harness.connect()
+    harness.feed(other, encode_frame("SUBSCRIBE", {"destination": "/queue/q", "id": "s"}))
+    assert [f.body for f in harness.write(other)] == [b"two"]
+
+
+# --- §9: the incomplete-frame deadline -----------------------------------------------------
+
+def test_an_incomplete_frame_without_a_new_byte_for_30_s_closes_its_connection(harness):
+    client = harness.connect()
+    harness.feed(client, b"SEND\ndestination:/queue/q\ncontent-length:100\n\n" + b"x" * 10)
+    harness.timers.advance(29.0)
+    assert not client.closing
+    harness.feed(client, b"y")                # a new byte starts the 30 s again
+    harness.timers.advance(29.0)
+    assert not client.closing
+    harness.timers.advance(1.5)
+    assert client.closing
+    [error] = harness.write(client)
+    assert error.command == "ERROR" and "incomplete frame" in error.headers["message"]
+    assert client.input_held == 0 and harness.broker.held == 0
+
+
+def test_a_connection_between_frames_has_no_incomplete_frame_deadline(harness):
+    client = harness.connect()
+    harness.feed(client, encode_frame("SEND", {"destination": "/topic/t"}, b"done"))
+    harness.timers.advance(120.0)
+    assert not client.closing
+
+
+# --- §9: storage trouble: bounded cache, backpressure, retries -----------------------------
+
+class Lock:
+    """An exclusive lock on the broker's database, held by another connection."""
+
+    def __init__(self, path):
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("BEGIN EXCLUSIVE")
+
+    def release(self):
+        self.db.execute("ROLLBACK")
+        self.db.close()
+
+
+def test_a_full_cache_in_an_outage_holds_producers_back_and_keeps_their_heart_beats(tmp_path):
+    """Storage locked: unreceipted SENDs fill the cache to -maxmsgs, then the producer's
+    frames wait unread (not closed for a missing heart-beat meanwhile), while consumers and
+    topics go on; when a flush succeeds the waiting frames are handled, nothing lost."""
+    h = Harness(tmp_path, maxmsgs=10, flush_period=1.0)
+    lock = Lock(h.db)
+    producer = h.connect(**{"heart-beat": "1000,0"})
+    listener = h.connect()
+    h.feed(listener, encode_frame("SUBSCRIBE", {"destination": "/topic/news", "id": "n"}))
+    def sends(first):
+        return b"".join(encode_frame("SEND", {"destination": "/queue/jobs"}, b"job %d" % i)
+                        for i in range(first, first + 15))
+    h.feed(producer, sends(0))                # the flush past -maxmsgs fails: outage
+    h.timers.advance(1.0)                     # the periodic retry fails too
+    assert not h.broker.store.healthy and h.broker.producers_held
+    h.feed(producer, sends(15))
+    assert producer.reading_paused and producer.input_held > 0
+    held_back = producer.input_held
+    assert h.broker.store.unsaved_count == 15
+    h.timers.advance(5.0)                     # 5 retries, each at most 100 ms of sqlite's wait
+    assert not producer.closing, "closed for heart-beats it could not send"
+    h.feed(listener, encode_frame("SEND", {"destination": "/topic/news"}, b"still here"))
+    assert [f.body for f in h.write(listener)] == [b"still here"]
+    lock.release()
+    h.timers.advance(1.0)                     # the next retry succeeds
+    assert h.broker.store.healthy and not h.broker.producers_held
+    assert not producer.reading_paused and producer.input_held < held_back
+    counter = h.connect()
+    h.feed(counter, encode_frame("SEND", {"destination": "/control/count-msgs/queue/jobs",
+                                          "receipt": "r"}))
+    [receipt] = h.write(counter)
+    assert receipt.headers["num-messages"] == "30"
+    h.broker.shutdown()
+
+
+def test_a_receipted_commit_in_an_outage_applies_nothing(tmp_path):
+    """COMMIT is all or nothing: refused whole while storage cannot be written."""
+    h = Harness(tmp_path, maxmsgs=1)
+    client = h.connect()
+    h.feed(client, encode_frame("BEGIN", {"transaction": "t"}))
+    h.feed(client, encode_frame("SEND", {"destination": "/queue/q", "transaction": "t"}, b"a"))
+    lock = Lock(h.db)
+    other = h.connect()
+    h.feed(other, encode_frame("SEND", {"destination": "/queue/other"}, b"x") * 3)  # outage
+    assert not h.broker.store.healthy
+    h.feed(client, encode_frame("COMMIT", {"transaction": "t", "receipt": "c"}))
+    frames = h.write(client)
+    assert frames[-1].command == "ERROR" and "nothing applied" in frames[-1].headers["message"]
+    lock.release()
+    h.timers.advance(1.0)
+    counter = h.connect()
+    h.feed(counter, encode_frame("SEND", {"destination": "/control/count-msgs/queue/q",
+                                          "receipt": "r"}))
+    assert h.write(counter)[0].headers["num-messages"] == "0"
+    h.broker.shutdown()
