@@ -1,9 +1,10 @@
-"""Timing logic on an in-process Broker: a fake clock, fake timers, a real sqlite store.
+"""In-process Broker tests: a fake clock, fake timers, a real sqlite store.
 
 What crosses the wire is tested on the real broker process elsewhere; here the deadlines that
 would make black-box tests slow or flaky are driven by hand (SPEC §7 ack-timeouts, §9 the
-incomplete-frame deadline and storage backpressure). The test plays the reactor: it feeds
-bytes to `data_received`, ends turns, and says how much of an outbox the "socket" took.
+incomplete-frame deadline, storage backpressure, and what a fetch writes). The test plays the
+reactor: it feeds bytes to `data_received`, ends turns, and says how much of an outbox the
+"socket" took.
 """
 
 import heapq
@@ -236,3 +237,15 @@ def test_a_receipted_commit_in_an_outage_applies_nothing(tmp_path):
                                           "receipt": "r"}))
     assert h.write(counter)[0].headers["num-messages"] == "0"
     h.broker.shutdown()
+
+
+def test_a_fetch_writes_only_the_queue_it_reads(harness):
+    """Subscribing to a queue reads its backlog; only that queue's cached messages are written
+    into the open transaction for the read, not the whole cache."""
+    producer = harness.connect()
+    for queue in ("a", "b", "c"):
+        harness.feed(producer, encode_frame("SEND", {"destination": f"/queue/{queue}"}, b"m"))
+    consumer = harness.connect()
+    harness.feed(consumer, encode_frame("SUBSCRIBE", {"destination": "/queue/a", "id": "s"}))
+    assert [f.body for f in harness.write(consumer)] == [b"m"]
+    assert sorted(harness.broker.store.unsaved) == ["b", "c"]
