@@ -38,6 +38,7 @@ and is read in batches, in delivery order, as the window drains.
 import collections
 import errno
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -94,6 +95,7 @@ HEADER_ENCODINGS = {
     "1.2": (str.maketrans(_V12), str.maketrans(_V12)),
 }
 ESCAPE_SEQUENCE = re.compile(r"\\.?")
+NEEDS_ENCODING = re.compile(r"[\\:\n\r]")   # a search is far cheaper than a translate
 FRAME_END = b"\0\n"
 
 
@@ -118,8 +120,37 @@ def encode_headers(headers, version):
     value (a decoded LF, CR or colon) stays inside its own line: no client can add a header to,
     or end the head of, a frame that someone else receives."""
     names, values = HEADER_ENCODINGS[version]
-    return "".join([f"{name.translate(names)}:{str(value).translate(values)}\n"
-                    for name, value in headers]).encode()
+    lines = []
+    for name, value in headers:
+        value = str(value)
+        if NEEDS_ENCODING.search(name):
+            name = name.translate(names)
+        if NEEDS_ENCODING.search(value):
+            value = value.translate(values)
+        lines.append(f"{name}:{value}\n")
+    return "".join(lines).encode()
+
+
+def encode_message_head(subscription, message_id, ack, redelivered, version):
+    """The start of a MESSAGE frame: the headers that differ per delivery (encode_headers,
+    unrolled for the fast path: only the subscription id can hold a character to escape)."""
+    if NEEDS_ENCODING.search(subscription):
+        subscription = subscription.translate(HEADER_ENCODINGS[version][1])
+    head = f"MESSAGE\nsubscription:{subscription}\nmessage-id:{message_id}\n"
+    if ack:
+        head += f"ack:{message_id}\n"
+    if redelivered:
+        head += "redelivered:true\n"
+    return head.encode()
+
+
+def encode_message_tail(destination, headers, body_length, version):
+    """The rest of a MESSAGE's head, which every subscriber of one version gets alike."""
+    if NEEDS_ENCODING.search(destination):
+        destination = destination.translate(HEADER_ENCODINGS[version][1])
+    custom = encode_headers(headers, version) if headers else b""
+    return b"destination:%s\n%scontent-length:%d\n\n" % (destination.encode(), custom,
+                                                           body_length)
 
 
 def encode_frame(command, headers, body=None, version="1.2"):
@@ -543,7 +574,8 @@ class Client:
     one are written, `unsent` counts the bytes still to write, and `frames_sent` of the
     `frames_queued` frames ever queued are fully written."""
     __slots__ = ("session", "peer", "parser", "version", "connected", "closing", "outbox",
-                 "head_sent", "unsent", "frames_queued", "frames_sent", "after_write",
+                 "head_sent", "unsent", "shared_frames", "frames_queued", "frames_sent",
+                 "after_write",
                  "subscriptions", "deliveries", "transactions", "transaction_bytes",
                  "input_held", "reading_paused", "sends_to_queues", "watching_stall",
                  "output_full", "last_input", "last_output", "timers", "__weakref__")
@@ -558,6 +590,7 @@ class Client:
         self.outbox = []
         self.head_sent = 0
         self.unsent = 0
+        self.shared_frames = 0    # frames in the outbox with buffers shared with other outboxes
         self.frames_queued = self.frames_sent = 0
         self.after_write = collections.deque()  # (frame number, subscription, message-id):
                                                 # deliveries waiting for their frame's write
@@ -580,6 +613,16 @@ class Client:
 
 def frame_size(frame):
     return sum(map(len, frame))
+
+
+class SharedBuffers:
+    """The body and per-version headers of a topic message, shared by the outboxes of its
+    subscribers: `size` bytes, counted once, until the last of `users` frames lets go."""
+    __slots__ = ("users", "size")
+
+    def __init__(self, size):
+        self.users = 1
+        self.size = size
 
 
 QUEUE, TOPIC, PREFIX = "queue", "topic", "prefix"   # Subscription.kind
@@ -741,6 +784,9 @@ class Broker:
     STALL_DEADLINE = 30.0         # an incomplete frame must get a new byte this often
     MAX_TRANSACTIONS = 1000       # open transactions per connection
     TRANSACTION_COST = 1024       # what an open transaction counts for, at least
+    SHARE_FROM = 4096             # a MESSAGE body this large is not copied into the outbox
+                                  # (a topic body is shared by every outbox); a smaller one
+                                  # costs less to copy than to keep apart
 
     def __init__(self, store, call_later, clock=time.monotonic, login=None, passcode=None,
                  max_prefetch=100, max_pending=64 * 1024 * 1024, maxmsgs=100000,
@@ -764,8 +810,8 @@ class Broker:
         self.clients = set()
         self.to_write = set()       # clients whose outbox or reading state changed this turn
         self.awaiting_sync = {}     # client -> its outbox's frame count before a durable RECEIPT
-        self.held = 0               # bytes clients make the broker hold (see Client.holding),
-        self.shared = {}            # a shared buffer counted once: id(memoryview) -> its users
+        self.held = 0               # bytes clients make the broker hold, shared ones once
+        self.shared = {}            # id(topic body memoryview) -> SharedBuffers
         self.producers_held = False  # storage backpressure: queue senders are not read
         self.flush_period = flush_period
         call_later(flush_period, self.periodic_flush)
@@ -817,7 +863,7 @@ class Broker:
         client.closing = True
         self.release(client)
         for frame in client.outbox:
-            self.let_go(frame)
+            self.let_go(client, frame)
         client.outbox = []
         client.unsent = client.head_sent = 0
         self.clients.discard(client)
@@ -829,17 +875,30 @@ class Broker:
         client.unsent -= sent
         client.last_output = self.clock()
         outbox = client.outbox
-        done = client.head_sent + sent
-        count = 0
-        for frame in outbox:
-            size = frame_size(frame)
-            if done < size:
-                break
-            done -= size
-            count += 1
-            self.let_go(frame)
-        del outbox[:count]
-        client.head_sent = done
+        if not client.unsent and not client.shared_frames:   # all written, the usual case
+            self.held -= client.head_sent + sent
+            count = len(outbox)
+            outbox.clear()
+            client.head_sent = 0
+        else:
+            done = client.head_sent + sent
+            count = released = 0
+            for frame in outbox:
+                if len(frame) == 1:       # most frames: one buffer of nothing shared
+                    size = len(frame[0])
+                    if done < size:
+                        break
+                    released += size
+                else:
+                    size = frame_size(frame)
+                    if done < size:
+                        break
+                    self.let_go(client, frame, size)
+                done -= size
+                count += 1
+            self.held -= released
+            del outbox[:count]
+            client.head_sent = done
         client.frames_sent += count
         touched = set()
         after_write = client.after_write
@@ -879,21 +938,16 @@ class Broker:
 
     # ---- sending to clients ----------------------------------------------------------------
 
-    def send(self, client, frame):
-        """Queue a frame (a tuple of buffers) on the client's outbox."""
+    def send(self, client, frame, size, shared=0):
+        """Queue a frame (a tuple of buffers of `size` bytes) on the client's outbox. `shared`:
+        how many of its bytes are in buffers that other outboxes share (see publish), counted
+        once already."""
         client.outbox.append(frame)
         client.frames_queued += 1
-        size = 0
-        for buf in frame:
-            size += len(buf)
-            if type(buf) is memoryview:      # shared: counted once, however many hold it
-                users = self.shared.get(id(buf), 0)
-                self.shared[id(buf)] = users + 1
-                if not users:
-                    self.held += len(buf)
-            else:
-                self.held += len(buf)
         client.unsent += size
+        self.held += size - shared
+        if shared:
+            client.shared_frames += 1
         self.to_write.add(client)
         if client.unsent > self.HIGH_WATER:
             client.output_full = True
@@ -901,17 +955,22 @@ class Broker:
             self.drop_output(client, 0)   # it would not read them in time; the ERROR goes next
             self.fail(client, "slow consumer: too much unsent output")
 
-    def let_go(self, frame):
-        """A frame left an outbox (written or dropped): uncount what it held."""
-        for buf in frame:
-            if type(buf) is memoryview:
-                users = self.shared.pop(id(buf)) - 1
-                if users:
-                    self.shared[id(buf)] = users
-                else:
-                    self.held -= len(buf)
-            else:
-                self.held -= len(buf)
+    def let_go(self, client, frame, size=None):
+        """A frame (of `size` bytes) left an outbox, written or dropped: uncount what it held.
+        A topic MESSAGE's shared buffers are uncounted with the last frame that holds them."""
+        if len(frame) == 4 and type(frame[2]) is memoryview:
+            self.held -= len(frame[0]) + len(frame[3])
+            self.unshare(frame[2])
+            client.shared_frames -= 1
+        else:
+            self.held -= frame_size(frame) if size is None else size
+
+    def unshare(self, body):
+        shared = self.shared[id(body)]
+        shared.users -= 1
+        if not shared.users:
+            del self.shared[id(body)]
+            self.held -= shared.size
 
     def drop_output(self, client, keep):
         """Forget the frames after the first `keep`, except one already begun: a frame is
@@ -922,14 +981,15 @@ class Broker:
         del client.outbox[keep:]
         for frame in dropped:
             client.unsent -= frame_size(frame)
-            self.let_go(frame)
+            self.let_go(client, frame)
         client.frames_queued -= len(dropped)
         after_write = client.after_write
         while after_write and after_write[-1][0] > client.frames_queued:
             after_write.pop()
 
     def send_frame(self, client, command, headers, body=None):
-        self.send(client, (encode_frame(command, headers, body, client.version),))
+        frame = encode_frame(command, headers, body, client.version)
+        self.send(client, (frame,), len(frame))
 
     def receipt(self, client, frame, **extra):
         receipt_id = frame.headers.get("receipt")
@@ -1072,7 +1132,7 @@ class Broker:
         """('queue'|'topic'|'control', name) from a destination, or a ClientError."""
         if destination is None:
             raise ClientError("missing destination header")
-        if CONTROL_CHARACTER.search(destination):
+        if not destination.isprintable() and CONTROL_CHARACTER.search(destination):
             raise ClientError(f"control character in destination {destination[:100]!r}")
         kind, _, name = destination[1:].partition("/")
         if not destination.startswith("/") or kind not in ("queue", "topic", "control") \
@@ -1337,20 +1397,46 @@ class Broker:
 
     def publish(self, msg, name):
         """Deliver a topic message to every matching subscription, once each. Not stored.
-        Every outbox gets the same buffers for the body and, per version, for the headers
-        after the subscriber's own: held once, however many subscribers there are."""
+        A body of SHARE_FROM bytes or more is held once, however many subscribers there are:
+        every outbox gets the same buffers for it and, per version, for the headers after
+        the subscriber's own."""
         destination = "/topic/" + name
+        subscribers = self.topic_subscribers(name)
+        msg_id = str(msg.id)
+        if len(msg.body) < self.SHARE_FROM:
+            rests = {}            # version -> the frame after the delivery's own headers
+            for sub in subscribers:
+                client = sub.client
+                if client.closing:
+                    continue
+                version = client.version
+                rest = rests.get(version)
+                if rest is None:
+                    rest = rests[version] = encode_message_tail(
+                        destination, msg.headers, len(msg.body), version) + msg.body + FRAME_END
+                frame = encode_message_head(sub.id, msg_id, version == "1.2" and
+                                            sub.ack_mode != "auto", False, version) + rest
+                self.send(client, (frame,), len(frame))
+            return
         body = memoryview(msg.body)
+        shared = self.shared[id(body)] = SharedBuffers(len(body))   # publish is a user too,
+        self.held += shared.size                                      # while it fans out
         tails = {}
-        for sub in self.topic_subscribers(name):
+        for sub in subscribers:
             client = sub.client
             if client.closing:
                 continue
             tail = tails.get(client.version)
             if tail is None:
-                tail = tails[client.version] = memoryview(
-                    self.message_tail(msg, destination, client.version))
-            self.send(client, (self.message_head(sub, msg), tail, body, FRAME_END))
+                tail = tails[client.version] = memoryview(encode_message_tail(
+                    destination, msg.headers, len(body), client.version))
+                shared.size += len(tail)
+                self.held += len(tail)
+            shared.users += 1
+            head = self.message_head(sub, msg)
+            self.send(client, (head, tail, body, FRAME_END),
+                      len(head) + len(tail) + len(body) + 2, len(tail) + len(body))
+        self.unshare(body)
 
     # ---- queues --------------------------------------------------------------------------------
 
@@ -1427,8 +1513,13 @@ class Broker:
         sub.unacked[msg_id] = msg
         if sub.ack_mode != "auto":
             client.deliveries[msg_id] = sub
-        tail = self.message_tail(msg, "/queue/" + msg.queue, client.version)
-        self.send(client, (self.message_head(sub, msg), tail, msg.body, FRAME_END))
+        head = self.message_head(sub, msg) + encode_message_tail(
+            "/queue/" + msg.queue, msg.headers, len(msg.body), client.version)
+        if len(msg.body) < self.SHARE_FROM:
+            frame = head + msg.body + FRAME_END
+            self.send(client, (frame,), len(frame))
+        else:                     # the body is not copied: the Message holds it anyway
+            self.send(client, (head, msg.body, FRAME_END), len(head) + len(msg.body) + 2)
         if sub.ack_mode == "auto" or msg.ack_timeout:
             client.after_write.append((client.frames_queued, sub, msg_id))
 
@@ -1442,21 +1533,11 @@ class Broker:
 
     @staticmethod
     def message_head(sub, msg):
-        """The start of a MESSAGE frame: the command and the headers of this delivery."""
-        msg_id = str(msg.id)
-        headers = [("subscription", sub.id), ("message-id", msg_id)]
+        """The headers of this delivery: its subscription, id, ack and redelivered flag."""
         version = sub.client.version
-        if version == "1.2" and sub.ack_mode != "auto":
-            headers.append(("ack", msg_id))
-        if msg.redelivered:
-            headers.append(("redelivered", "true"))
-        return b"MESSAGE\n" + encode_headers(headers, version)
-
-    @staticmethod
-    def message_tail(msg, destination, version):
-        """The rest of a MESSAGE's head: the headers every subscriber gets alike."""
-        return encode_headers([("destination", destination), *msg.headers,
-                               ("content-length", len(msg.body))], version) + b"\n"
+        return encode_message_head(sub.id, str(msg.id),
+                                   version == "1.2" and sub.ack_mode != "auto",
+                                   msg.redelivered, version)
 
     def requeue(self, sub, msg):
         """Put a delivered message back in its queue, marked redelivered; returns the queue."""
@@ -1531,7 +1612,7 @@ class Broker:
             return
         now = self.clock()
         if now - client.last_output >= interval * 0.9 and not client.outbox:
-            self.send(client, HEART_BEAT_FRAME)
+            self.send(client, HEART_BEAT_FRAME, 1)
             client.last_output = now
         client.timers.append(self.call_later(
             max(0.01, client.last_output + interval - now), self.beat, client, interval))
@@ -1791,12 +1872,8 @@ class Reactor:
             return
         outbox = client.outbox
         if outbox:
-            buffers = []
-            for frame in outbox:
-                buffers += frame
-                if len(buffers) >= self.MAX_BUFFERS:
-                    del buffers[self.MAX_BUFFERS:]
-                    break
+            buffers = list(itertools.chain.from_iterable(outbox[:self.MAX_BUFFERS]))
+            del buffers[self.MAX_BUFFERS:]
             skip = client.head_sent
             while skip:                   # the part of the first frame written already
                 if skip < len(buffers[0]):
