@@ -891,3 +891,149 @@ def pytest_runtest_makereport(item, call):
             text = b.stderr()
             if text:
                 rep.sections.append((f"{b.name} stderr ({b.argv()[2:]})", text[-4000:]))
+
+
+# --------------------------------------------------------------------------------------------
+# STOMP over WebSocket (RFC 6455) and over TLS
+# --------------------------------------------------------------------------------------------
+
+def ws_frame(payload, opcode=1, fin=True, mask=b"\x11\x22\x33\x44"):
+    """One client-to-server WebSocket frame (masked unless mask is None)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    length = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big") if n < 65536 \
+        else bytes([127]) + n.to_bytes(8, "big")
+    if mask is None:
+        return head + length + payload
+    head += bytes([length[0] | 0x80]) + length[1:] + mask
+    return head + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def ws_handshake(sock, host="127.0.0.1", path="/", protocols="v10.stomp,v11.stomp,v12.stomp",
+                 origin=None, key="dGhlIHNhbXBsZSBub25jZQ==", extra=()):
+    """Send an upgrade request; return (status, headers dict, bytes after the response)."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    if protocols is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {protocols}")
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    lines += list(extra)
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return read_http_response(sock)
+
+
+def read_http_response(sock):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return int(status_line.split()[1]), headers, rest
+
+
+class WsClient(Client):
+    """The raw STOMP client of above, its bytes carried in WebSocket messages: what it sends
+    is one masked text message per send_raw (or split in `fragments`), and what it receives is
+    unwrapped; `messages` keeps the (opcode, payload) of every message received."""
+
+    def __init__(self, port, timeout=RECV_TIMEOUT, host=HOST, tls_context=None, **handshake):
+        super().__init__(port, timeout=timeout, host=host)
+        if tls_context is not None:
+            self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
+        self.status, self.http_headers, self.wsbuf = ws_handshake(self.sock, **handshake)
+        assert self.status == 101, f"handshake answered {self.status}"
+        self.messages = []
+        self.close_code = None
+        self.pongs = []
+
+    def send_raw(self, data, fragments=1, opcode=1):
+        if fragments == 1:
+            self.sock.sendall(ws_frame(data, opcode))
+            return
+        step = -(-len(data) // fragments)
+        parts = [data[i:i + step] for i in range(0, len(data), step)]
+        for i, part in enumerate(parts):
+            self.sock.sendall(ws_frame(part, opcode if i == 0 else 0, fin=i == len(parts) - 1))
+
+    def _fill(self, deadline):
+        while True:
+            frame = self._ws_frame()
+            if frame is not None:
+                opcode, payload = frame
+                if opcode in (1, 2):
+                    self.messages.append((opcode, payload))
+                    self.buf += payload
+                    return
+                if opcode == 8:
+                    self.close_code = int.from_bytes(payload[:2], "big") if payload else None
+                    self.eof = True
+                    raise Closed()
+                if opcode == 10:
+                    self.pongs.append(payload)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError()
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                raise TimeoutError()
+            except (ConnectionResetError, BrokenPipeError):
+                data = b""
+            if not data:
+                self.eof = True
+                raise Closed()
+            self.wsbuf += data
+
+    def _ws_frame(self):
+        """(opcode, payload) of the next whole server frame in the buffer, or None."""
+        buf = self.wsbuf
+        if len(buf) < 2:
+            return None
+        assert not buf[1] & 0x80, "a server frame must not be masked"
+        n, start = buf[1] & 0x7F, 2
+        if n == 126:
+            n, start = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            n, start = int.from_bytes(buf[2:10], "big"), 10
+        if len(buf) < start + n:
+            return None
+        assert buf[0] & 0x80, "the broker sends each frame as one whole message"
+        self.wsbuf = buf[start + n:]
+        return buf[0] & 0x0F, buf[start:start + n]
+
+
+class TlsClient(Client):
+    """The raw STOMP client of above, over TLS."""
+
+    def __init__(self, port, tls_context, **kw):
+        super().__init__(port, **kw)
+        self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """(certificate, key) PEM files of a self-signed certificate for localhost/127.0.0.1."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def client_tls(tls_files):
+    """An SSLContext that trusts the test certificate."""
+    import ssl
+    return ssl.create_default_context(cafile=tls_files[0])

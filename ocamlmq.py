@@ -35,8 +35,10 @@ subscribers, and then only a window of its next messages; the rest of its backlo
 and is read in batches, in delivery order, as the window drains.
 """
 
+import base64
 import collections
 import errno
+import hashlib
 import heapq
 import itertools
 import json
@@ -47,8 +49,10 @@ import resource
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import time
+import urllib.parse
 
 SERVER_NAME = "ocamlmq.py/1.0"
 VERSIONS = ("1.0", "1.1", "1.2")
@@ -71,12 +75,13 @@ class ProtocolError(Exception):
 
 class Frame:
     """One STOMP frame. `headers` maps each name to its first value (the first header wins)."""
-    __slots__ = ("command", "headers", "body")
+    __slots__ = ("command", "headers", "body", "size")
 
-    def __init__(self, command, headers, body=b""):
+    def __init__(self, command, headers, body=b"", size=0):
         self.command = command
         self.headers = headers
         self.body = body
+        self.size = size          # its bytes on the wire, head and body
 
     def __repr__(self):
         return f"Frame({self.command!r}, {self.headers!r}, {self.body[:40]!r})"
@@ -145,12 +150,17 @@ def encode_message_head(subscription, message_id, ack, redelivered, version):
 
 
 def encode_message_tail(destination, headers, body_length, version):
-    """The rest of a MESSAGE's head, which every subscriber of one version gets alike."""
+    """The rest of a MESSAGE's head, which every subscriber of one version gets alike. The
+    client's own headers come last: the first of two same-named headers is the one that counts."""
     if NEEDS_ENCODING.search(destination):
         destination = destination.translate(HEADER_ENCODINGS[version][1])
     custom = encode_headers(headers, version) if headers else b""
-    return b"destination:%s\n%scontent-length:%d\n\n" % (destination.encode(), custom,
-                                                           body_length)
+    return b"destination:%s\ncontent-length:%d\n%s\n" % (destination.encode(), body_length,
+                                                           custom)
+
+
+def frame_size(buffers):
+    return sum(map(len, buffers))
 
 
 def encode_frame(command, headers, body=None, version="1.2"):
@@ -242,10 +252,11 @@ class FrameParser:
             if body_end == len(buf):
                 return None
         body = bytes(buf[body_start:body_end])
+        size = body_end + 1 - self.pos
         self.pos = body_end + 1
         self.head = None
         self.scanned = self.newlines = 0
-        return Frame(command, headers, body)
+        return Frame(command, headers, body, size)
 
     def _skip_eols(self):
         """Step over the EOLs before a frame: heart-beats, or the EOL that ends each frame."""
@@ -334,6 +345,225 @@ class FrameParser:
         return command, headers, length
 
 
+# ---- WebSocket (RFC 6455), server side: bytes in, a byte stream for the STOMP codec out --------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")     # the first one offered wins
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0, 1, 2, 8, 9, 10
+HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 403: "Forbidden",
+                404: "Not Found", 426: "Upgrade Required", 431: "Request Header Fields Too Large"}
+
+
+def unmask(data, mask):
+    """XOR `data` with the repeated 4-byte `mask`, as one big-integer operation."""
+    n = len(data)
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
+    return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+
+def is_utf8(buf, last=[None, False]):
+    """Whether a buffer holds UTF-8; the last answer is kept, for a topic body that goes to
+    many subscribers."""
+    if type(buf) is bytes and buf.isascii():
+        return True
+    if last[0] is not buf:
+        try:
+            str(buf, "utf-8")
+            last[:] = buf, True
+        except UnicodeDecodeError:
+            last[:] = buf, False
+    return last[1]
+
+
+def http_response(status, headers=(), body=b""):
+    lines = [f"HTTP/1.1 {status} {HTTP_REASONS[status]}", *(f"{k}: {v}" for k, v in headers)]
+    if status != 101:
+        lines += [f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class WebSocket:
+    """One WebSocket connection, server side, without I/O (like FrameParser).
+
+    `feed(bytes)` takes what arrived and returns the payload bytes of its data messages, text or
+    binary alike: for STOMP they are one byte stream, so a message may hold several frames or a
+    part of one. What the connection must write back (the handshake answer, pongs, the close)
+    collects in `replies`; `closing` says the connection ends once they are written. The opening
+    HTTP request may instead ask for `GET /metrics`: then `metrics_wanted` is set, and the caller
+    answers with `http_response`. `frame(buffers)` wraps one outgoing STOMP frame as a message.
+    """
+    MAX_REQUEST = 8192
+
+    def __init__(self, max_message, origins=None):
+        self.max_message = max_message    # -max-frame-size: the largest data message taken
+        self.origins = origins            # allowed Origin values ("*": any); None: same host
+        self.buffer = bytearray()
+        self.open = False                 # the handshake is done
+        self.closing = False
+        self.metrics_wanted = False
+        self.replies = []
+        self.in_message = False           # between the fragments of a data message
+        self.message_size = 0
+        self.frame_left = 0               # payload bytes of the current data frame still due
+        self.mask = b""
+
+    def feed(self, data):
+        self.buffer += data
+        try:
+            if not self.open and not self._handshake():
+                return b""
+            return self._frames()
+        except WebSocketError as e:
+            self.buffer.clear()
+            if self.open:
+                self.close(e.code, str(e))
+            else:
+                self.replies.append(http_response(e.code, e.headers, str(e).encode()))
+                self.closing = True
+            return b""
+
+    def _handshake(self):
+        """Read the HTTP request; True once the connection is a WebSocket."""
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > self.MAX_REQUEST:
+                raise WebSocketError(431, "request too large")
+            return False
+        lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+        del self.buffer[:end + 4]
+        request = lines[0].split(" ")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), value.strip())
+        if len(request) != 3 or request[0] != "GET":
+            raise WebSocketError(400, "only GET requests are served here")
+        if request[1].split("?")[0] == "/metrics":
+            self.metrics_wanted = self.closing = True
+            return False
+        if "websocket" not in headers.get("upgrade", "").lower():
+            raise WebSocketError(404, "not found: STOMP over WebSocket and /metrics live here")
+        if headers.get("sec-websocket-version") != "13":
+            raise WebSocketError(426, "WebSocket version 13 only", [("Sec-WebSocket-Version", 13)])
+        key = headers.get("sec-websocket-key", "")
+        if not key:
+            raise WebSocketError(400, "no Sec-WebSocket-Key")
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin, headers.get("host", "")):
+            raise WebSocketError(403, f"origin {origin[:100]!r} not allowed (see -ws-origin)")
+        accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
+        answer = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                  ("Sec-WebSocket-Accept", accept)]
+        offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+        chosen = next((p for p in WS_SUBPROTOCOLS if p in offered), None)
+        if chosen:
+            answer.append(("Sec-WebSocket-Protocol", chosen))
+        self.replies.append(http_response(101, answer))
+        self.open = True
+        return True
+
+    def origin_allowed(self, origin, host):
+        """A browser page may connect if -ws-origin allows its origin, or by default if it
+        comes from the host name the broker was reached at (any port)."""
+        if self.origins is not None:
+            return "*" in self.origins or origin.lower() in self.origins
+        try:
+            hostname = urllib.parse.urlsplit(origin).hostname
+            return hostname is not None and hostname == urllib.parse.urlsplit(
+                "//" + host).hostname
+        except ValueError:
+            return False
+
+    def _frames(self):
+        """The payload of the data frames in the buffer; control frames are answered."""
+        out = []
+        buf = self.buffer
+        while buf and not self.closing:
+            if self.frame_left:           # more of a data frame's payload: pass it on now
+                chunk = bytes(buf[:self.frame_left])
+                del buf[:len(chunk)]
+                out.append(unmask(chunk, self.mask))
+                shift = len(chunk) % 4
+                self.mask = self.mask[shift:] + self.mask[:shift]
+                self.frame_left -= len(chunk)
+                continue
+            if len(buf) < 2:
+                break
+            fin, opcode, masked, size = buf[0] & 0x80, buf[0] & 0x0F, buf[1] & 0x80, buf[1] & 0x7F
+            start = 2 + (2 if size == 126 else 8 if size == 127 else 0)
+            if len(buf) < start + 4:
+                break
+            if size >= 126:
+                size = int.from_bytes(buf[2:start], "big")
+            if buf[0] & 0x70:
+                raise WebSocketError(1002, "reserved bits set")
+            if not masked:
+                raise WebSocketError(1002, "a client's frames must be masked")
+            if opcode >= WS_CLOSE:
+                if opcode > WS_PONG or not fin or size > 125:
+                    raise WebSocketError(1002, "bad control frame")
+                if len(buf) < start + 4 + size:
+                    break
+                payload = unmask(bytes(buf[start + 4:start + 4 + size]), buf[start:start + 4])
+                del buf[:start + 4 + size]
+                self._control(opcode, payload)
+                continue
+            if opcode not in (WS_CONTINUATION, WS_TEXT, WS_BINARY) or \
+                    (opcode == WS_CONTINUATION) != self.in_message:
+                raise WebSocketError(1002, f"unexpected frame (opcode {opcode})")
+            self.message_size = (self.message_size if self.in_message else 0) + size
+            if self.message_size > self.max_message:
+                raise WebSocketError(1009, f"message larger than {self.max_message} bytes")
+            self.in_message = not fin
+            self.mask = bytes(buf[start:start + 4])
+            self.frame_left = size
+            del buf[:start + 4]
+        return b"".join(out)
+
+    def _control(self, opcode, payload):
+        if opcode == WS_PING:
+            self.replies.append(self.message(WS_PONG, payload))
+        elif opcode == WS_CLOSE:          # answer with the same code, then end
+            self.replies.append(self.message(WS_CLOSE, payload[:2]))
+            self.closing = True
+
+    def close(self, code, reason=""):
+        """Begin the close handshake from our side."""
+        if not self.closing:
+            self.replies.append(self.message(WS_CLOSE, code.to_bytes(2, "big")
+                                             + reason.encode()[:120]))
+            self.closing = True
+
+    @staticmethod
+    def message(opcode, payload):
+        return WebSocket.header(opcode, len(payload)) + payload
+
+    @staticmethod
+    def header(opcode, size):
+        if size < 126:
+            return bytes((0x80 | opcode, size))
+        if size < 65536:
+            return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+        return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+
+    def frame(self, buffers, size):
+        """One outgoing STOMP frame of `size` bytes as one message: text, or binary if it is
+        not UTF-8. Returns the buffers to write, and their size."""
+        opcode = WS_TEXT if all(map(is_utf8, buffers)) else WS_BINARY
+        header = self.header(opcode, size)
+        return (header, *buffers), size + len(header)
+
+
+class WebSocketError(Exception):
+    """A WebSocket peer broke RFC 6455 (`code`: the close code to send), or an HTTP request
+    is refused (`code`: the HTTP status)."""
+
+    def __init__(self, code, message, headers=()):
+        super().__init__(message)
+        self.code = code
+        self.headers = headers
+
+
 # ==============================================================================================
 # 2. The broker: clients, subscriptions, queues, topics, acks, transactions, storage.
 # ==============================================================================================
@@ -345,10 +575,10 @@ class ClientError(Exception):
 class Message:
     """A queue or topic message. `rank` is minus the priority, so (rank, id) sorts in delivery
     order. `headers` are the client's own SEND headers, passed through to MESSAGE."""
-    __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "redelivered",
-                 "state", "timer")
+    __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "size",
+                 "redelivered", "state", "timer")
 
-    def __init__(self, msg_id, queue, rank, ack_timeout, headers, body, redelivered=False,
+    def __init__(self, msg_id, queue, rank, ack_timeout, headers, body, size, redelivered=False,
                  state=None):
         self.id = msg_id
         self.queue = queue            # queue name, or None for a topic message
@@ -356,6 +586,7 @@ class Message:
         self.ack_timeout = ack_timeout
         self.headers = headers        # [(name, value), ...]
         self.body = body
+        self.size = size              # what it costs in memory, about: body and headers
         self.redelivered = redelivered
         self.state = state            # where the store holds it: CACHED, BATCHED, ... (below)
         self.timer = None             # its ack-timeout while it is delivered and not ACKed
@@ -367,8 +598,9 @@ class Message:
     @classmethod
     def from_row(cls, queue, row):
         msg_id, rank, ack_timeout, headers, body = row
+        size = len(body) + len(headers)
         headers = [tuple(h) for h in json.loads(headers)] if headers != "[]" else []
-        return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body))
+        return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body), size)
 
 
 # Where the store holds a message (Message.state). A message moves down this list, except that a
@@ -413,7 +645,7 @@ class MessageStore:
         self.StorageError = storage_error
         self.unsaved = {}         # queue name -> {id: Message} in CACHED, BATCHED or RECACHED
         self.unsaved_count = 0
-        self.unsaved_bytes = 0    # size of their bodies
+        self.unsaved_bytes = 0    # their size (Message.size)
         self.batch = []           # messages saved with a receipt this turn
         self.inserted = []        # messages INSERTED into the open transaction
         self.inserted_bytes = 0
@@ -421,11 +653,15 @@ class MessageStore:
         self.applied = []         # deletes done in the open transaction, not yet committed
         self.sync_wanted = False  # a receipt waits for this turn's commit
         self.healthy = True
+        self.stored = backend.count()     # messages not ACKed, on disk or not (for /metrics)
+        self.commits = 0
+        self.commit_seconds = 0.0
 
     def max_id(self):
         return self.backend.max_id()
 
     def save(self, msg, durable):
+        self.stored += 1
         msg.state = BATCHED if durable else CACHED
         if durable:
             self.batch.append(msg)
@@ -437,6 +673,8 @@ class MessageStore:
             self.deletes.append(msg.id)
         if state in UNSAVED:
             self._forget_unsaved(msg)
+        if state is not ACKED:
+            self.stored -= 1
         msg.state = ACKED
 
     def want_sync(self):
@@ -480,6 +718,8 @@ class MessageStore:
         return [Message.from_row(queue, row) for row in rows]
 
     def count(self, queue):
+        if not self.healthy:      # its pending deletes could not be applied: no exact count
+            raise self.StorageError("storage unavailable")
         try:
             self._apply_deletes()
             return self.backend.count(queue) + len(self.unsaved.get(queue, ()))
@@ -502,7 +742,7 @@ class MessageStore:
             msgs = self.unsaved[msg.queue] = {}
         msgs[msg.id] = msg
         self.unsaved_count += 1
-        self.unsaved_bytes += len(msg.body)
+        self.unsaved_bytes += msg.size
 
     def _forget_unsaved(self, msg):
         msgs = self.unsaved[msg.queue]
@@ -510,7 +750,7 @@ class MessageStore:
         if not msgs:
             del self.unsaved[msg.queue]
         self.unsaved_count -= 1
-        self.unsaved_bytes -= len(msg.body)
+        self.unsaved_bytes -= msg.size
 
     def _insert(self, msgs):
         """Insert the rows of the unsaved ones of `msgs` into the open transaction, a chunk at a
@@ -522,7 +762,7 @@ class MessageStore:
             for msg in chunk:
                 self._forget_unsaved(msg)
                 msg.state = INSERTED
-                self.inserted_bytes += len(msg.body)
+                self.inserted_bytes += msg.size
             self.inserted += chunk
 
     def _write(self, msgs):
@@ -531,7 +771,10 @@ class MessageStore:
         try:
             self._insert(msgs)
             self._apply_deletes()
+            start = time.perf_counter()
             self.backend.commit()
+            self.commits += 1
+            self.commit_seconds += time.perf_counter() - start
         except self.StorageError:
             self._failed()
             raise
@@ -577,8 +820,9 @@ class Client:
                  "head_sent", "unsent", "shared_frames", "frames_queued", "frames_sent",
                  "after_write",
                  "subscriptions", "deliveries", "transactions", "transaction_bytes",
-                 "input_held", "reading_paused", "sends_to_queues", "watching_stall",
-                 "output_full", "last_input", "last_output", "timers", "__weakref__")
+                 "input_held", "reading_paused", "held_frame", "watching_stall",
+                 "output_full", "last_input", "last_output", "timers", "framing",
+                 "__weakref__")
 
     def __init__(self, session, peer, parser):
         self.session = session
@@ -600,19 +844,16 @@ class Client:
         self.transaction_bytes = 0    # what the open transactions cost, about
         self.input_held = 0       # bytes of input the parser holds (counted in Broker.held)
         self.reading_paused = False   # storage backpressure: its frames wait unread
-        self.sends_to_queues = False  # it has sent to a queue: held back by backpressure
+        self.held_frame = None    # a frame that needs storage, waiting out backpressure
         self.watching_stall = False   # a timer watches its incomplete frame
         self.output_full = False  # outbox above the high-water mark: no queue deliveries
         self.last_input = self.last_output = 0.0
         self.timers = []
+        self.framing = None       # set by a transport that wraps each frame (WebSocket)
 
     def holding(self):
         """What this connection makes the broker hold, shared buffers counted in full."""
         return self.input_held + self.unsent + self.transaction_bytes
-
-
-def frame_size(frame):
-    return sum(map(len, frame))
 
 
 class SharedBuffers:
@@ -688,6 +929,7 @@ class QueueSubscription(Subscription):
         msg = self.unacked.pop(msg_id, None) if self.unacked else None
         if msg is not None:
             self.client.deliveries.pop(msg_id, None)
+            self.target.in_flight -= 1
             if msg.timer is not None:
                 msg.timer.cancel()
                 msg.timer = None
@@ -744,7 +986,7 @@ class Queue:
     cursor never fetches a message twice. Otherwise every stored message of the queue is in
     memory (in the heap or delivered), so any new one can join the heap."""
     __slots__ = ("name", "subscribers", "ready", "heap", "heap_bytes", "backlog_on_disk",
-                 "cursor")
+                 "cursor", "in_flight")
 
     WINDOW = 2000                 # messages (and body bytes, below) held in memory before new
     WINDOW_BYTES = 8 * 1024 * 1024    # ones are left on disk
@@ -758,6 +1000,7 @@ class Queue:
         self.heap_bytes = 0
         self.backlog_on_disk = True
         self.cursor = Queue.START
+        self.in_flight = 0        # delivered, not ACKed
 
 
 HEART_BEAT_FRAME = (b"\n",)
@@ -784,9 +1027,9 @@ class Broker:
     STALL_DEADLINE = 30.0         # an incomplete frame must get a new byte this often
     MAX_TRANSACTIONS = 1000       # open transactions per connection
     TRANSACTION_COST = 1024       # what an open transaction counts for, at least
-    SHARE_FROM = 4096             # a MESSAGE body this large is not copied into the outbox
-                                  # (a topic body is shared by every outbox); a smaller one
-                                  # costs less to copy than to keep apart
+    SHARE_FROM = 4096             # a MESSAGE this large is not copied into the outbox (a
+                                  # topic's body and headers are shared by every outbox); a
+                                  # smaller one costs less to copy than to keep apart
 
     def __init__(self, store, call_later, clock=time.monotonic, login=None, passcode=None,
                  max_prefetch=100, max_pending=64 * 1024 * 1024, maxmsgs=100000,
@@ -813,6 +1056,8 @@ class Broker:
         self.held = 0               # bytes clients make the broker hold, shared ones once
         self.shared = {}            # id(topic body memoryview) -> SharedBuffers
         self.producers_held = False  # storage backpressure: queue senders are not read
+        self.totals = dict.fromkeys(("received", "delivered", "acked", "redelivered",
+                                     "dead_lettered", "expired"), 0)   # for /metrics
         self.flush_period = flush_period
         call_later(flush_period, self.periodic_flush)
 
@@ -828,7 +1073,8 @@ class Broker:
 
     def data_received(self, client, data):
         """Handle every complete frame in `data`; a bad one ends the connection with an ERROR.
-        While storage holds producers back, a queue sender's frames wait in its parser."""
+        While storage holds producers back, a frame that needs storage waits, and so does the
+        rest of the connection's input."""
         if client.closing:
             return
         client.last_input = self.clock()
@@ -836,11 +1082,14 @@ class Broker:
         try:
             client.parser.feed(data)
             while not client.closing:
-                if client.sends_to_queues and self.producers_held:
-                    self.pause_reading(client)
-                    break
-                frame = client.parser.next_frame()
+                frame, client.held_frame = client.held_frame, None
                 if frame is None:
+                    frame = client.parser.next_frame()
+                    if frame is None:
+                        break
+                if self.producers_held and self.needs_storage(frame):
+                    client.held_frame = frame
+                    self.pause_reading(client)
                     break
                 self.handle(client, frame)
                 frame = None
@@ -908,6 +1157,7 @@ class Broker:
                 msg = sub.settle(msg_id)
                 if msg is not None:
                     self.store.ack(msg)
+                    self.totals["acked"] += 1
                     touched.add(sub)
             else:
                 self.start_ack_timeout(sub, msg_id)
@@ -927,6 +1177,8 @@ class Broker:
             if was_healthy:
                 log.error("storage failed, receipted frames get ERRORs until it is back: %s", e)
             for client, mark in list(self.awaiting_sync.items()):
+                if client not in self.clients:    # gone meanwhile
+                    continue
                 self.drop_output(client, mark)
                 self.fail(client, "not confirmed: the message could not be stored (storage "
                                   "unavailable)", again=True)
@@ -938,10 +1190,13 @@ class Broker:
 
     # ---- sending to clients ----------------------------------------------------------------
 
-    def send(self, client, frame, size, shared=0):
+    def send(self, client, frame, size, shared=0, raw=False):
         """Queue a frame (a tuple of buffers of `size` bytes) on the client's outbox. `shared`:
         how many of its bytes are in buffers that other outboxes share (see publish), counted
-        once already."""
+        once already. The client's transport may wrap the frame, unless it is `raw` (the
+        transport's own bytes)."""
+        if client.framing is not None and not raw:
+            frame, size = client.framing(frame, size)
         client.outbox.append(frame)
         client.frames_queued += 1
         client.unsent += size
@@ -957,13 +1212,15 @@ class Broker:
 
     def let_go(self, client, frame, size=None):
         """A frame (of `size` bytes) left an outbox, written or dropped: uncount what it held.
-        A topic MESSAGE's shared buffers are uncounted with the last frame that holds them."""
-        if len(frame) == 4 and type(frame[2]) is memoryview:
-            self.held -= len(frame[0]) + len(frame[3])
-            self.unshare(frame[2])
+        A topic MESSAGE's shared buffers (..., tail, body, FRAME_END) are uncounted with the
+        last frame that holds them."""
+        size = frame_size(frame) if size is None else size
+        if len(frame) > 2 and type(frame[-2]) is memoryview:
+            self.held -= size - len(frame[-3]) - len(frame[-2])
+            self.unshare(frame[-2])
             client.shared_frames -= 1
         else:
-            self.held -= frame_size(frame) if size is None else size
+            self.held -= size
 
     def unshare(self, body):
         shared = self.shared[id(body)]
@@ -1027,7 +1284,8 @@ class Broker:
 
     def count_input(self, client):
         """Count what the client's parser holds; watch an incomplete frame for stalls."""
-        held = client.parser.buffered() if not client.closing else 0
+        held = 0 if client.closing else client.parser.buffered() + (
+            client.held_frame.size if client.held_frame else 0)
         self.held += held - client.input_held
         client.input_held = held
         if held and not client.watching_stall and not client.reading_paused:
@@ -1038,15 +1296,25 @@ class Broker:
             self.shed_load()
 
     def shed_load(self):
-        """Over -max-memory: close the connections that hold the most until under it."""
+        """Over -max-memory: close the connections that hold the most until under it (one
+        already closing just loses the output it has not begun to receive)."""
+        shed = set()
         while self.held > self.max_memory:
-            open_clients = [c for c in self.clients if not c.closing]
-            if not open_clients:
+            candidates = [c for c in self.clients if c not in shed and c.holding()]
+            if not candidates:
                 return
-            worst = max(open_clients, key=Client.holding)
+            worst = max(candidates, key=Client.holding)
+            shed.add(worst)
             self.drop_output(worst, 0)
             self.fail(worst, "the broker's memory limit is reached (-max-memory) and this "
                              "connection holds the most")
+
+    @staticmethod
+    def needs_storage(frame):
+        """Whether a frame stores messages: a queue SEND of its own, or a COMMIT."""
+        return frame.command == "COMMIT" or (
+            frame.command == "SEND" and "transaction" not in frame.headers
+            and frame.headers.get("destination", "").startswith("/queue/"))
 
     def pause_reading(self, client):
         client.reading_paused = True
@@ -1081,7 +1349,8 @@ class Broker:
             if tx not in client.transactions:
                 raise ClientError(f"unknown transaction {tx[:40]!r}")
             if handler is Broker.cmd_send:    # refuse a bad frame now: COMMIT applies all
-                self.parse_send(frame)
+                if self.parse_send(frame)[0] == "control":
+                    raise ClientError("a control destination cannot be used in a transaction")
             else:
                 self.ack_id(frame)
             self.hold_for_transaction(client, self.held_cost(frame))
@@ -1161,24 +1430,33 @@ class Broker:
     PASSED_HEADERS_EXCLUDED = frozenset(("destination", "receipt", "transaction", "content-length",
                                          "message-id", "subscription", "ack", "redelivered"))
 
+    def passed_on(self, name):
+        """Whether a SEND header goes on to the MESSAGE: not one of the broker's own, also
+        not as a receiver may read it (1.0 trims blanks, and a colon in a name is a blank)."""
+        if name in self.PASSED_HEADERS_EXCLUDED:
+            return False
+        if NEEDS_ENCODING.search(name) or name[:1].isspace() or name[-1:].isspace():
+            return (name.translate(HEADER_ENCODINGS["1.0"][0]).strip()
+                    not in self.PASSED_HEADERS_EXCLUDED)
+        return True
+
     def cmd_send(self, client, frame, durable=None):
         kind, name, rank, ack_timeout = self.parse_send(frame)
-        if durable is None:
+        if durable is None:       # a SEND of its own (a COMMIT checks storage for all its own)
             durable = "receipt" in frame.headers
+            if durable and kind == "queue" and not self.store.healthy:
+                raise ClientError("message not stored: storage unavailable")
         if kind == "control":
             return self.control(client, frame, name)
-        headers = [(k, v) for k, v in frame.headers.items()
-                   if k not in self.PASSED_HEADERS_EXCLUDED]
+        headers = [(k, v) for k, v in frame.headers.items() if self.passed_on(k)]
         msg = Message(self.next_id, name if kind == "queue" else None, rank, ack_timeout,
-                      headers, frame.body)
+                      headers, frame.body, frame.size)
         self.next_id += 1
+        self.totals["received"] += 1
         if kind == "topic":
             self.publish(msg, name)
         else:
-            if durable and not self.store.healthy:
-                raise ClientError("message not stored: storage unavailable")
             self.store.save(msg, durable)
-            client.sends_to_queues = True
             if not self.store.healthy:
                 self.check_backpressure()
             queue = self.queues.get(name)
@@ -1263,6 +1541,7 @@ class Broker:
         subs = set()
         for sub, msg in self.acked_messages(client, frame):
             self.store.ack(msg)
+            self.totals["acked"] += 1
             subs.add(sub)
         for sub in subs:
             self.make_ready(sub)
@@ -1324,8 +1603,8 @@ class Broker:
 
     @staticmethod
     def held_cost(frame):
-        """About the memory a frame held in a transaction takes: its body and its objects."""
-        return len(frame.body) + 512
+        """About the memory a frame held in a transaction takes: its bytes and its objects."""
+        return frame.size + 512
 
     def hold_for_transaction(self, client, cost):
         """Count what an open transaction holds (against -max-pending and -max-memory)."""
@@ -1348,7 +1627,8 @@ class Broker:
             raise ClientError(f"unknown transaction {tx[:40]!r}")
         durable = "receipt" in frame.headers       # then the whole COMMIT is synced first
         if durable and not self.store.healthy and any(
-                handler is Broker.cmd_send for handler, _ in client.transactions[tx]):
+                inner.headers["destination"].startswith("/queue/")
+                for handler, inner in client.transactions[tx] if handler is Broker.cmd_send):
             raise ClientError("COMMIT refused, nothing applied: storage unavailable")
         for handler, inner in self.end_transaction(client, tx):
             inner.headers.pop("receipt", None)      # answered when taken into the transaction
@@ -1403,7 +1683,7 @@ class Broker:
         destination = "/topic/" + name
         subscribers = self.topic_subscribers(name)
         msg_id = str(msg.id)
-        if len(msg.body) < self.SHARE_FROM:
+        if msg.size < self.SHARE_FROM:
             rests = {}            # version -> the frame after the delivery's own headers
             for sub in subscribers:
                 client = sub.client
@@ -1417,6 +1697,7 @@ class Broker:
                 frame = encode_message_head(sub.id, msg_id, version == "1.2" and
                                             sub.ack_mode != "auto", False, version) + rest
                 self.send(client, (frame,), len(frame))
+                self.totals["delivered"] += 1
             return
         body = memoryview(msg.body)
         shared = self.shared[id(body)] = SharedBuffers(len(body))   # publish is a user too,
@@ -1433,6 +1714,7 @@ class Broker:
                 shared.size += len(tail)
                 self.held += len(tail)
             shared.users += 1
+            self.totals["delivered"] += 1
             head = self.message_head(sub, msg)
             self.send(client, (head, tail, body, FRAME_END),
                       len(head) + len(tail) + len(body) + 2, len(tail) + len(body))
@@ -1456,7 +1738,7 @@ class Broker:
         elif key > queue.cursor:
             queue.cursor = key
         heapq.heappush(heap, (msg.rank, msg.id, msg))
-        queue.heap_bytes += len(msg.body)
+        queue.heap_bytes += msg.size
 
     def next_message(self, queue):
         """Pop the queue's next message, reading the next batch from the store when needed."""
@@ -1471,14 +1753,14 @@ class Broker:
                 return None
             if msgs:
                 heap = queue.heap = [(msg.rank, msg.id, msg) for msg in msgs]  # sorted: a heap
-                queue.heap_bytes = sum(len(msg.body) for msg in msgs)
+                queue.heap_bytes = sum(msg.size for msg in msgs)
                 queue.cursor = heap[-1][:2]
             if len(msgs) < self.FETCH_BATCH:
                 queue.backlog_on_disk = False
         if not heap:
             return None
         msg = heapq.heappop(heap)[2]
-        queue.heap_bytes -= len(msg.body)
+        queue.heap_bytes -= msg.size
         return msg
 
     def dispatch(self, queue):
@@ -1511,16 +1793,18 @@ class Broker:
         if sub.unacked is None:
             sub.unacked = {}
         sub.unacked[msg_id] = msg
+        sub.target.in_flight += 1
+        self.totals["delivered"] += 1
         if sub.ack_mode != "auto":
             client.deliveries[msg_id] = sub
         head = self.message_head(sub, msg) + encode_message_tail(
             "/queue/" + msg.queue, msg.headers, len(msg.body), client.version)
-        if len(msg.body) < self.SHARE_FROM:
+        if msg.size < self.SHARE_FROM:
             frame = head + msg.body + FRAME_END
             self.send(client, (frame,), len(frame))
         else:                     # the body is not copied: the Message holds it anyway
             self.send(client, (head, msg.body, FRAME_END), len(head) + len(msg.body) + 2)
-        if sub.ack_mode == "auto" or msg.ack_timeout:
+        if (sub.ack_mode == "auto" or msg.ack_timeout) and not client.closing:
             client.after_write.append((client.frames_queued, sub, msg_id))
 
     def start_ack_timeout(self, sub, msg_id):
@@ -1542,6 +1826,7 @@ class Broker:
     def requeue(self, sub, msg):
         """Put a delivered message back in its queue, marked redelivered; returns the queue."""
         msg.redelivered = True
+        self.totals["redelivered"] += 1
         queue = sub.target
         if queue.subscribers:
             self.offer(queue, msg)
@@ -1679,6 +1964,38 @@ class Broker:
         if full != self.producers_held:
             self.hold_producers(full)
 
+    def metrics(self):
+        """The broker's figures in Prometheus' text format (GET /metrics)."""
+        store = self.store
+        gauges = {
+            "connections": ("open connections", len(self.clients)),
+            "subscriptions": ("subscriptions", sum(len(c.subscriptions) for c in self.clients)),
+            "messages_stored": ("queue messages stored and not ACKed", store.stored),
+            "messages_cached": ("queue messages in memory, not yet on disk",
+                                store.unsaved_count + len(store.inserted)),
+            "messages_in_flight": ("queue messages delivered, not ACKed",
+                                   sum(q.in_flight for q in self.queues.values())),
+            "storage_healthy": ("1 while the database can be written", int(store.healthy))}
+        lines = []
+        for name, (text, value) in gauges.items():
+            lines += [f"# HELP ocamlmq_{name} {text}", f"# TYPE ocamlmq_{name} gauge",
+                      f"ocamlmq_{name} {value}"]
+        for name, text, value in (("ready", "messages in memory ready for delivery",
+                                   lambda q: len(q.heap or ())),
+                                  ("unacked", "messages delivered, not ACKed",
+                                   lambda q: q.in_flight),
+                                  ("consumers", "subscriptions", lambda q: q.subscribers)):
+            lines += [f"# HELP ocamlmq_queue_{name} per queue with subscribers: {text}",
+                      f"# TYPE ocamlmq_queue_{name} gauge"]
+            for queue in self.queues.values():
+                label = queue.name.replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'ocamlmq_queue_{name}{{queue="{label}"}} {value(queue)}')
+        totals = {f"messages_{k}": v for k, v in self.totals.items()}
+        totals.update(storage_commits=store.commits, storage_commit_seconds=store.commit_seconds)
+        for name, value in totals.items():
+            lines += [f"# TYPE ocamlmq_{name}_total counter", f"ocamlmq_{name}_total {value}"]
+        return "\n".join(lines) + "\n"
+
     def shutdown(self):
         """Flush the cache and close the store (SIGINT/SIGTERM)."""
         self.store.close()
@@ -1718,15 +2035,18 @@ class Reactor:
     CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
     MIN_COMPACT = 4096            # timers in the heap before cancelled ones are swept out
     ACCEPT_PAUSES = (0.1, 1.0)    # out of file descriptors: first and longest accept pause
+    TLS_CHUNK = 256 * 1024        # plaintext encrypted at once, and ciphertext held at most
 
-    def __init__(self, listener, clock=time.monotonic):
-        self.listener = listener
+    def __init__(self, listeners, clock=time.monotonic, tls_context=None, ws_origins=None):
+        self.listeners = listeners    # [(socket, kind)], kind: "stomp", "tls" or "ws"
+        self.tls_context = tls_context
+        self.ws_origins = ws_origins
         self.clock = clock
         self.selector = selectors.DefaultSelector()
         self.timers = []          # heap of (deadline, sequence, Timer)
         self.compact_at = self.MIN_COMPACT
         self.sequence = 0
-        self.sockets = {}         # Client -> socket
+        self.connections = {}     # Client -> Connection
         self.draining = set()     # closing clients given CLOSE_GRACE to drain their outbox
         self.last_synced = 0      # clients whose receipts waited for the last disk sync
         self.read_buffer = bytearray(self.READ_SIZE)
@@ -1737,7 +2057,8 @@ class Reactor:
         self.wakeup_r, self.wakeup_w = socket.socketpair()
         for s in (self.wakeup_r, self.wakeup_w):
             s.setblocking(False)
-        self.selector.register(listener, selectors.EVENT_READ, "listener")
+        for listener, kind in listeners:
+            self.selector.register(listener, selectors.EVENT_READ, kind)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
 
     def call_later(self, delay, callback, *args):
@@ -1797,10 +2118,11 @@ class Reactor:
 
     def handle_events(self, timeout):
         for key, events in self.selector.select(timeout):
-            if key.data == "listener":
-                self.accept()
-            elif key.data == "wakeup":
-                self.drain_wakeup()
+            if type(key.data) is str:
+                if key.data == "wakeup":
+                    self.drain_wakeup()
+                else:
+                    self.accept(key.fileobj, key.data)
             else:
                 client = key.data
                 if events & selectors.EVENT_READ:
@@ -1808,10 +2130,10 @@ class Reactor:
                 if events & selectors.EVENT_WRITE:   # written after the turn's commit
                     self.broker.to_write.add(client)
 
-    def accept(self):
+    def accept(self, listener, kind):
         for _ in range(256):
             try:
-                sock, peer = self.listener.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 if self.accept_pause:
                     log.warning("accepting connections again")
@@ -1824,30 +2146,39 @@ class Reactor:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client = self.broker.connection_made(f"{peer[0]}:{peer[1]}")
-            self.sockets[client] = sock
+            conn = self.connections[client] = Connection(sock)
+            if kind == "tls" or (kind == "ws" and self.tls_context is not None):
+                conn.tls = Tls(self.tls_context)
+            if kind == "ws":
+                conn.ws = WebSocket(self.broker.max_frame_size, self.ws_origins)
+                client.framing = conn.ws.frame
             self.selector.register(sock, selectors.EVENT_READ, client)
 
     def pause_accepting(self, error):
-        """Out of file descriptors: the listener would be ready again at once, so stop
-        watching it for a moment (doubling, up to a second) and serve the open connections."""
+        """Out of file descriptors: the listeners would be ready again at once, so stop
+        watching them for a moment (doubling, up to a second) and serve the open connections."""
         if not self.accept_pause:
             log.error("cannot accept connections (%s): pausing accept, serving the %d open "
-                      "connections", error.strerror, len(self.sockets))
+                      "connections", error.strerror, len(self.connections))
         first, longest = self.ACCEPT_PAUSES
         self.accept_pause = min(longest, 2 * self.accept_pause or first)
-        self.watch(self.listener, "listener", 0)
+        for listener, kind in self.listeners:
+            self.watch(listener, kind, 0)
         self.call_later(self.accept_pause, self.resume_accepting)
 
     def resume_accepting(self):
         if not self.stopping:
-            self.watch(self.listener, "listener", selectors.EVENT_READ)
+            for listener, kind in self.listeners:
+                self.watch(listener, kind, selectors.EVENT_READ)
 
     def read(self, client):
-        sock = self.sockets.get(client)
-        if sock is None:
+        """Read from the socket, up through the transport's layers (TLS, WebSocket) into
+        the broker."""
+        conn = self.connections.get(client)
+        if conn is None:
             return
         try:
-            size = sock.recv_into(self.read_buffer)
+            size = conn.sock.recv_into(self.read_buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -1855,7 +2186,30 @@ class Reactor:
         if not size:
             self.close(client)
             return
-        self.broker.data_received(client, self.read_view[:size])
+        data = self.read_view[:size]
+        if conn.tls is not None:
+            try:
+                data = conn.tls.receive(data)
+            except ssl.SSLError as e:
+                log.info("%s: TLS: %s", client.session, e.reason or e)
+                self.close(client)
+                return
+            self.broker.to_write.add(client)      # the handshake may have a reply
+        ws = conn.ws
+        if ws is not None:
+            data = ws.feed(data)
+            if ws.metrics_wanted:
+                ws.metrics_wanted = False
+                ws.replies.append(http_response(
+                    200, [("Content-Type", "text/plain; version=0.0.4")],
+                    self.broker.metrics().encode()))
+            for reply in ws.replies:
+                self.broker.send(client, (reply,), len(reply), raw=True)
+            ws.replies = []
+        if data:
+            self.broker.data_received(client, data)
+        if (ws is not None and ws.closing) or (conn.tls is not None and conn.tls.ended):
+            self.broker.close(client)
 
     def flush_outboxes(self):
         """Write every outbox that got bytes; what writing causes (auto-ACKs make room for more
@@ -1867,29 +2221,22 @@ class Reactor:
     def write(self, client):
         """Write what the kernel takes of the outbox; then watch the socket for what is next:
         reading (unless closing or held back) and writing (while output waits)."""
-        sock = self.sockets.get(client)
-        if sock is None:
+        conn = self.connections.get(client)
+        if conn is None:
+            return
+        if conn.tls is None:
+            sent = self.send_plain(client, conn.sock)
+        else:
+            sent = self.send_tls(client, conn)
+        if sent is None:
             return
         outbox = client.outbox
-        if outbox:
-            buffers = list(itertools.chain.from_iterable(outbox[:self.MAX_BUFFERS]))
-            del buffers[self.MAX_BUFFERS:]
-            skip = client.head_sent
-            while skip:                   # the part of the first frame written already
-                if skip < len(buffers[0]):
-                    buffers[0] = memoryview(buffers[0])[skip:]
-                    break
-                skip -= len(buffers.pop(0))
-            try:
-                sent = sock.sendmsg(buffers)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close(client)
-                return
-            if sent:
-                self.broker.output_written(client, sent)
-        if client.closing and not outbox:
+        if client.closing and not outbox and not conn.ciphertext:
+            if conn.ws is not None and conn.ws.open and not conn.ws.closing:
+                conn.ws.close(1000)           # end the WebSocket too, then the socket
+                reply = conn.ws.replies.pop()
+                self.broker.send(client, (reply,), len(reply), raw=True)
+                return self.write(client)
             self.close(client)
             return
         if client.closing:            # stop reading; give the outbox a little time to drain
@@ -1899,10 +2246,59 @@ class Reactor:
                 self.call_later(self.CLOSE_GRACE, self.close, client)
         else:
             want = ((0 if client.reading_paused else selectors.EVENT_READ)
-                    | (selectors.EVENT_WRITE if outbox else 0))
-        self.watch(sock, client, want)
+                    | (selectors.EVENT_WRITE if outbox or conn.ciphertext else 0))
+        self.watch(conn.sock, client, want)
 
-    def watch(self, sock, client, events):
+    def outbox_buffers(self, client):
+        """The outbox as buffers, from the first byte not yet written, for one write."""
+        buffers = list(itertools.chain.from_iterable(client.outbox[:self.MAX_BUFFERS]))
+        del buffers[self.MAX_BUFFERS:]
+        skip = client.head_sent
+        while skip:                   # the part of the first frame written already
+            if skip < len(buffers[0]):
+                buffers[0] = memoryview(buffers[0])[skip:]
+                break
+            skip -= len(buffers.pop(0))
+        return buffers
+
+    def send_plain(self, client, sock):
+        """sendmsg what the kernel takes; None if the connection is gone."""
+        if not client.outbox:
+            return 0
+        try:
+            sent = sock.sendmsg(self.outbox_buffers(client))
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self.close(client)
+            return None
+        if sent:
+            self.broker.output_written(client, sent)
+        return sent
+
+    def send_tls(self, client, conn):
+        """Encrypt the outbox into the connection's ciphertext buffer while it is short (so
+        that "written" still means "about to leave"), then send what the kernel takes."""
+        tls = conn.tls
+        while tls.ready and client.outbox and len(conn.ciphertext) < self.TLS_CHUNK:
+            plaintext = b"".join(self.outbox_buffers(client))[:self.TLS_CHUNK]
+            tls.send(plaintext)
+            conn.ciphertext += tls.take_output()
+            self.broker.output_written(client, len(plaintext))
+        conn.ciphertext += tls.take_output()
+        if not conn.ciphertext:
+            return 0
+        try:
+            sent = conn.sock.send(conn.ciphertext)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self.close(client)
+            return None
+        del conn.ciphertext[:sent]
+        return sent
+
+    def watch(self, sock, data, events):
         """Have the selector watch `sock` for `events` (none: not at all)."""
         try:
             current = self.selector.get_key(sock).events
@@ -1913,17 +2309,17 @@ class Reactor:
         if not events:
             self.selector.unregister(sock)
         elif not current:
-            self.selector.register(sock, events, client)
+            self.selector.register(sock, events, data)
         else:
-            self.selector.modify(sock, events, client)
+            self.selector.modify(sock, events, data)
 
     def close(self, client):
         self.draining.discard(client)
-        sock = self.sockets.pop(client, None)
-        if sock is None:
+        conn = self.connections.pop(client, None)
+        if conn is None:
             return
-        self.watch(sock, client, 0)
-        sock.close()
+        self.watch(conn.sock, client, 0)
+        conn.sock.close()
         self.broker.connection_lost(client)
 
     def drain_wakeup(self):
@@ -1938,22 +2334,71 @@ class Reactor:
 
     def stop(self):
         """Stop accepting, handle what already arrived, flush and close everything."""
-        self.watch(self.listener, "listener", 0)
-        self.listener.close()
-        for client in list(self.sockets):
-            try:
-                data = self.sockets[client].recv(self.READ_SIZE)
-            except OSError:
-                continue
-            if data:
-                self.broker.data_received(client, data)
+        for listener, kind in self.listeners:
+            self.watch(listener, kind, 0)
+            listener.close()
+        for client in list(self.connections):
+            self.read(client)
         self.broker.end_of_turn()
-        for client in list(self.sockets):
+        for client in list(self.connections):
             client.closing = True
             self.write(client)
-        for client in list(self.sockets):
+        for client in list(self.connections):
             self.close(client)
         self.broker.shutdown()
+
+
+class Connection:
+    """What the reactor keeps for one socket: the transport layers between it and the broker,
+    TLS (`tls`, with the `ciphertext` it has yet to send) and WebSocket (`ws`), when used."""
+    __slots__ = ("sock", "tls", "ws", "ciphertext")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.tls = self.ws = None
+        self.ciphertext = bytearray()
+
+
+class Tls:
+    """The server side of one TLS connection through memory buffers (ssl.MemoryBIO): the
+    reactor gives it the bytes that arrive and sends the bytes it makes, so that neither the
+    handshake nor a record split across reads ever blocks the reactor."""
+    READ_SIZE = 256 * 1024
+
+    def __init__(self, context):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.ready = False        # the handshake is done
+        self.ended = False        # the peer sent close_notify
+
+    def receive(self, data):
+        """The plaintext of what arrived (b"" until the handshake is done). Raises SSLError."""
+        self.incoming.write(data)
+        if not self.ready:
+            try:
+                self.ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.ready = True
+        chunks = []
+        while True:
+            try:
+                chunk = self.ssl.read(self.READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.ended = True
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def send(self, plaintext):
+        self.ssl.write(plaintext)
+
+    def take_output(self):
+        return self.outgoing.read()
 
 
 # ==============================================================================================
@@ -1978,6 +2423,12 @@ Usage: python3 ocamlmq.py [options] [sqlite3 database (default: ocamlmq.db)]
                           (default: 1073741824)
   -pg CONNINFO            store messages in PostgreSQL (libpq conninfo or postgresql:// URI;
                           PG* environment variables apply) instead of the sqlite file
+  -ws-port PORT           also serve STOMP over WebSocket, and GET /metrics, on this port
+  -ws-origin ORIGIN       a browser origin allowed on the WebSocket port (repeatable; * for
+                          any; default: pages from the host name the broker is reached at)
+  -tls-port PORT          also serve STOMP over TLS on this port
+  -tls-cert FILE          certificate chain (PEM) for TLS; with it the WebSocket port is wss
+  -tls-key FILE           private key (PEM) for TLS (default: in the -tls-cert file)
   -debug                  debug logging to stderr
   -help, --help           show this help"""
 
@@ -2014,16 +2465,20 @@ OPTIONS = {  # flag -> (setting, conversion); None means a flag without a value
                                                                        positive_int),
     "max-frame-size": ("max_frame_size", positive_int),
     "max-pending": ("max_pending", positive_int), "max-memory": ("max_memory", positive_int),
-    "pg": ("pg", str), "debug": ("debug", None),
+    "pg": ("pg", str), "debug": ("debug", None), "ws-port": ("ws_port", port_number),
+    "ws-origin": ("ws_origins", str), "tls-port": ("tls_port", port_number),
+    "tls-cert": ("tls_cert", str), "tls-key": ("tls_key", str),
 }
+REPEATABLE = {"ws_origins"}
 
 
 def parse_args(argv):
     settings = {"port": 61613, "address": "127.0.0.1", "login": None, "passcode": None,
                 "maxmsgs": 100000, "flush_period": 1.0, "max_prefetch": 100,
                 "max_frame_size": 16 * 1024 * 1024, "max_pending": 64 * 1024 * 1024,
-                "max_memory": 1 << 30,
-                "pg": None, "debug": False, "database": "ocamlmq.db"}
+                "max_memory": 1 << 30, "pg": None, "debug": False, "database": "ocamlmq.db",
+                "ws_port": None, "ws_origins": None, "tls_port": None, "tls_cert": None,
+                "tls_key": None}
     positional = []
     args = list(argv)
     while args:
@@ -2043,16 +2498,31 @@ def parse_args(argv):
                 raise UsageError(f"option {arg} needs a value")
             value = args.pop(0)
             try:
-                settings[setting] = convert(value)
+                value = convert(value)
             except ValueError:
                 raise UsageError(f"bad value for {arg}: {value!r}") from None
+            if setting in REPEATABLE:
+                value = (settings[setting] or set()) | {value.lower()}
+            settings[setting] = value
         else:
             positional.append(arg)
     if len(positional) > 1:
         raise UsageError("more than one database given")
     if positional:
         settings["database"] = positional[0]
+    if settings["tls_port"] is not None and settings["tls_cert"] is None:
+        raise UsageError("-tls-port needs -tls-cert")
     return settings
+
+
+def listen(address, port):
+    """A non-blocking listening socket; raises OSError."""
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address, port))
+    listener.listen(1024)
+    listener.setblocking(False)
+    return listener
 
 
 def open_backend(settings):
@@ -2082,18 +2552,27 @@ def main(argv):
     logging.basicConfig(level=logging.DEBUG if settings["debug"] else logging.INFO,
                         format="%(asctime)s ocamlmq %(levelname)s %(message)s")
     raise_open_file_limit()
-    try:
-        listener = socket.socket(socket.AF_INET6 if ":" in settings["address"]
-                                 else socket.AF_INET)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((settings["address"], settings["port"]))
-        listener.listen(1024)
-        listener.setblocking(False)
-    except OSError as e:
-        print(f"ocamlmq.py: cannot listen on {settings['address']}:{settings['port']}: "
-              f"{e.strerror or e}", file=sys.stderr)
-        return 1
-    reactor = Reactor(listener)
+    tls_context = None
+    if settings["tls_cert"] is not None:
+        try:
+            tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls_context.load_cert_chain(settings["tls_cert"], settings["tls_key"])
+        except (OSError, ssl.SSLError) as e:
+            print(f"ocamlmq.py: cannot use the TLS certificate or key: {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
+    listeners = []
+    for kind in ("stomp", "ws", "tls"):
+        port = settings["port" if kind == "stomp" else f"{kind}_port"]
+        if port is None:
+            continue
+        try:
+            listeners.append((listen(settings["address"], port), kind))
+        except OSError as e:
+            print(f"ocamlmq.py: cannot listen on {settings['address']}:{port}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return 1
+    reactor = Reactor(listeners, tls_context=tls_context, ws_origins=settings["ws_origins"])
     try:
         backend, storage_error = open_backend(settings)
         reactor.broker = Broker(MessageStore(backend, storage_error), reactor.call_later,

@@ -158,8 +158,10 @@ class PgBackend:
             return [(i, r, a, h, bytes(b)) for i, r, a, h, b in cur.fetchall()]
         return self._run(fetch_rows)
 
-    def count(self, queue):
-        """How many rows `queue` has."""
+    def count(self, queue=None):
+        """How many rows `queue` has (every queue: None)."""
+        if queue is None:
+            return self._scalar("SELECT count(*) FROM messages", ())
         return self._scalar("SELECT count(*) FROM messages WHERE queue = %s", (queue,))
 
     def close(self):

@@ -92,8 +92,11 @@ class SqliteBackend:
         rank, msg_id = after
         return self._run(lambda: self.db.execute(FETCH, (queue, rank, msg_id, limit)).fetchall())
 
-    def count(self, queue):
-        """How many rows `queue` has."""
+    def count(self, queue=None):
+        """How many rows `queue` has (every queue: None)."""
+        if queue is None:
+            return self._run(lambda: self.db.execute(
+                "SELECT count(*) FROM messages").fetchone()[0])
         return self._run(lambda: self.db.execute(
             "SELECT count(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0])
 

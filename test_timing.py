@@ -219,14 +219,14 @@ def test_a_full_cache_in_an_outage_holds_producers_back_and_keeps_their_heart_be
 
 def test_a_receipted_commit_in_an_outage_applies_nothing(tmp_path):
     """COMMIT is all or nothing: refused whole while storage cannot be written."""
-    h = Harness(tmp_path, maxmsgs=1)
+    h = Harness(tmp_path)
     client = h.connect()
     h.feed(client, encode_frame("BEGIN", {"transaction": "t"}))
     h.feed(client, encode_frame("SEND", {"destination": "/queue/q", "transaction": "t"}, b"a"))
     lock = Lock(h.db)
     other = h.connect()
-    h.feed(other, encode_frame("SEND", {"destination": "/queue/other"}, b"x") * 3)  # outage
-    assert not h.broker.store.healthy
+    h.feed(other, encode_frame("SEND", {"destination": "/queue/other", "receipt": "x"}, b"x"))
+    assert not h.broker.store.healthy and h.write(other)[-1].command == "ERROR"   # outage
     h.feed(client, encode_frame("COMMIT", {"transaction": "t", "receipt": "c"}))
     frames = h.write(client)
     assert frames[-1].command == "ERROR" and "nothing applied" in frames[-1].headers["message"]
@@ -249,3 +249,73 @@ def test_a_fetch_writes_only_the_queue_it_reads(harness):
     harness.feed(consumer, encode_frame("SUBSCRIBE", {"destination": "/queue/a", "id": "s"}))
     assert [f.body for f in harness.write(consumer)] == [b"m"]
     assert sorted(harness.broker.store.unsaved) == ["b", "c"]
+
+
+# --- what clients make the broker hold is counted in full ----------------------------------
+
+def big_headers(count=20, size=60_000):
+    return {f"x-pad-{i}": "p" * size for i in range(count)}
+
+
+def test_an_open_transaction_counts_its_headers_too(tmp_path):
+    """-max-pending bounds what open transactions hold, headers included, not bodies only."""
+    h = Harness(tmp_path, max_pending=1_000_000)
+    client = h.connect()
+    h.feed(client, encode_frame("BEGIN", {"transaction": "t"}))
+    h.feed(client, encode_frame("SEND", {"destination": "/queue/q", "transaction": "t",
+                                         **big_headers()}, b"x"))
+    [error] = h.write(client)
+    assert error.command == "ERROR" and "transaction" in error.headers["message"]
+    h.broker.connection_lost(client)
+    assert h.broker.held == 0
+    h.broker.shutdown()
+
+
+def test_in_an_outage_no_new_connection_or_transaction_gets_past_the_full_cache(tmp_path):
+    """Backpressure holds back every frame that would store a message, whoever sends it:
+    a queue SEND from a connection new to it, and a COMMIT, wait for storage."""
+    h = Harness(tmp_path, maxmsgs=5, flush_period=1.0)
+    lock = Lock(h.db)
+    first = h.connect()
+    h.feed(first, b"".join(encode_frame("SEND", {"destination": "/queue/q"}, b"m%d" % i)
+                           for i in range(8)))
+    h.timers.advance(1.0)
+    assert h.broker.producers_held
+    cached = h.broker.store.unsaved_count
+    late = [h.connect() for _ in range(5)]
+    for client in late:
+        h.feed(client, encode_frame("SEND", {"destination": "/queue/q"}, b"late"))
+    tx = h.connect()
+    h.feed(tx, encode_frame("BEGIN", {"transaction": "t"}) + b"".join(
+        encode_frame("SEND", {"destination": "/queue/q", "transaction": "t"}, b"tx")
+        for _ in range(10)) + encode_frame("COMMIT", {"transaction": "t", "receipt": "c"}))
+    assert h.broker.store.unsaved_count == cached
+    assert all(c.reading_paused for c in late + [tx])
+    counter = h.connect()
+    h.feed(counter, encode_frame("SEND", {"destination": "/control/count-msgs/queue/q",
+                                          "receipt": "n"}))
+    assert h.write(counter)[-1].command == "ERROR"    # at once: no count without storage
+    lock.release()
+    h.timers.advance(1.0)
+    assert [f.command for f in h.write(tx)][-1] == "RECEIPT"
+    counter = h.connect()
+    h.feed(counter, encode_frame("SEND", {"destination": "/control/count-msgs/queue/q",
+                                          "receipt": "n"}))
+    assert h.write(counter)[0].headers["num-messages"] == str(8 + 5 + 10)
+    h.broker.shutdown()
+
+
+def test_what_clients_hold_is_uncounted_when_they_go(harness):
+    """Input, output (a shared topic body too) and transactions: back to zero."""
+    subscribers = [harness.connect() for _ in range(3)]
+    for i, c in enumerate(subscribers):
+        harness.feed(c, encode_frame("SUBSCRIBE", {"destination": "/topic/t", "id": f"s{i}"}))
+    producer = harness.connect()
+    harness.feed(producer, encode_frame("BEGIN", {"transaction": "t"}))
+    harness.feed(producer, encode_frame("SEND", {"destination": "/topic/t"}, b"x" * 100_000))
+    harness.feed(producer, b"SEND\ndestination:/queue/q\ncontent-length:1000\n\nhalf")
+    assert harness.broker.held > 100_000 and len(harness.broker.shared) == 1
+    harness.write(subscribers[0], limit=50_000)
+    for c in subscribers + [producer]:
+        harness.broker.connection_lost(c)
+    assert harness.broker.held == 0 and harness.broker.shared == {}

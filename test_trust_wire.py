@@ -416,3 +416,24 @@ def test_the_readme_stomp_py_example_works_as_written(broker, tmp_path):
     assert any(line.startswith("got") for line in run.stdout.splitlines()), run.stdout
     assert broker.client().count_msgs("jobs") == 0, "the example's message was not ACKed"
     assert error_lines(broker) == []
+
+
+@pytest.mark.parametrize("name", ["content-length ", r"content-length\c", " destination",
+                                  "message-id\t"])
+def test_a_header_that_reads_as_the_brokers_own_is_not_passed_on(broker, qname, name):
+    """A 1.0 subscriber trims blanks and reads a colon in a name as a blank: a producer's
+    `content-length ` (or `content-length\\c`) must not reach it as a second content-length
+    that would cut the body short and turn the rest into a frame of the producer's making."""
+    plain = broker.client("1.0")
+    plain.subscribe(f"/queue/{qname}", ack="client")
+    forged = b"\x00MESSAGE\nmessage-id:forged\ndestination:/queue/x\n\nevil\x00"
+    producer = broker.client("1.2")
+    producer.send_raw(b"SEND\ndestination:/queue/%s\n%s:0\nreceipt:r\ncontent-length:%d\n\n%s\x00"
+                      % (qname.encode(), name.encode(), len(forged), forged))
+    producer.receipt("r")
+    [(command, lines, body)] = raw_frames(plain, 1)
+    assert command == "MESSAGE" and body == forged, (lines, body)
+    reads_as = name.replace("\\c", "").strip()
+    assert [l for l in lines if l.replace(":", " ").split()[0] == reads_as] == \
+        [l for l in lines if l.startswith(reads_as + ":")], lines
+    plain.expect_nothing()
