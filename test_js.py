@@ -107,3 +107,12 @@ def test_the_example_page_in_headless_chromium(start_broker, page_server, tls_fi
     log = node("browser.mjs", url, timeout=90)
     assert "got hello from the browser" in log, log
     assert b.client().count_msgs("jobs") == 0          # the page ACKed it
+
+
+def test_the_readme_shows_exactly_the_example_page():
+    """The page in README's "From a browser" is examples/index.html, the one tested above."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## From a browser", 1)[1]
+    page = section.split("```html\n", 1)[1].split("```", 1)[0]
+    with open(os.path.join(HERE, "examples", "index.html")) as f:
+        assert page == f.read()
