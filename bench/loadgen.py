@@ -41,6 +41,7 @@ import os
 import queue as queue_mod
 import resource
 import socket
+import ssl
 import sys
 import time
 
@@ -154,24 +155,32 @@ class FrameReader:
 # Connection
 
 class Conn:
-    """One STOMP 1.2 connection on a blocking socket with a timeout."""
+    """One STOMP 1.2 connection on a blocking socket with a timeout, over plain TCP or one of
+    the broker's other transports: "tls", "ws" (STOMP over WebSocket) or "wss"."""
 
-    def __init__(self, host, port, login=None, passcode=None, timeout=SOCK_TIMEOUT):
+    def __init__(self, host, port, login=None, passcode=None, timeout=SOCK_TIMEOUT,
+                 transport="tcp"):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if transport in ("tls", "wss"):
+            context = ssl.create_default_context()
+            context.check_hostname = False           # the bench's self-signed certificate
+            context.verify_mode = ssl.CERT_NONE
+            self.sock = context.wrap_socket(self.sock)
+        self.ws = WsFraming(self.sock, host) if transport in ("ws", "wss") else None
         self.reader = FrameReader()
         self.pending = []            # frames read but not yet consumed by wait_*
         hdrs = [("accept-version", "1.2"), ("host", "localhost")]
         if login is not None:
             hdrs += [("login", login), ("passcode", passcode or "")]
-        self.sock.sendall(frame("CONNECT", hdrs))
+        self.send(frame("CONNECT", hdrs))
         head, _ = self.next_frame(time.monotonic() + timeout)
         if command_of(head) != b"CONNECTED":
             raise BenchError("CONNECT answered with %r" % head[:200])
         self.version = header(head, b"version")
 
     def send(self, data):
-        self.sock.sendall(data)
+        self.sock.sendall(data if self.ws is None else self.ws.wrap(data))
 
     def ack_frame(self, head, mid):
         """The ACK for a MESSAGE (raw header block `head`, its message-id `mid`): by the `ack`
@@ -198,6 +207,8 @@ class Conn:
                 self.sock.settimeout(SOCK_TIMEOUT)
         if not data:
             raise BenchError("connection closed by broker")
+        if self.ws is not None:
+            data = self.ws.unwrap(data)
         frames = self.reader.feed(data)
         for head, body in frames:
             if head.startswith(b"ERROR"):
@@ -228,13 +239,57 @@ class Conn:
     def close(self, graceful=True):
         try:
             if graceful:
-                self.sock.sendall(frame("DISCONNECT"))
+                self.send(frame("DISCONNECT"))
         except OSError:
             pass
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+class WsFraming:
+    """The client side of STOMP over WebSocket, as far as the bench needs it: the upgrade,
+    then every send is one masked binary message, and what arrives is unwrapped."""
+
+    def __init__(self, sock, host):
+        sock.sendall(("GET / HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: YmVuY2hiZW5jaGJlbmNoIQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: v12.stomp\r\n\r\n"
+                      % host).encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise BenchError("WebSocket handshake: connection closed")
+            answer += chunk
+        head, _, self.buf = answer.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise BenchError("WebSocket handshake answered %r" % head[:100])
+
+    @staticmethod
+    def wrap(data):
+        n = len(data)
+        length = bytes([0x80 | n]) if n < 126 else bytes([0xFE]) + n.to_bytes(2, "big") \
+            if n < 65536 else bytes([0xFF]) + n.to_bytes(8, "big")
+        return b"\x82" + length + b"\0\0\0\0" + data      # a zero mask leaves data as it is
+
+    def unwrap(self, data):
+        buf = self.buf + data
+        out = []
+        while len(buf) >= 2:
+            n, start = buf[1] & 0x7F, 2
+            if n == 126:
+                n, start = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                n, start = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < start + n:
+                break
+            if buf[0] & 0x0F in (1, 2):
+                out.append(buf[start:start + n])
+            buf = buf[start + n:]
+        self.buf = buf
+        return b"".join(out)
 
 
 def control_count(host, port, dest, what="msgs", timeout=10.0, login=None, passcode=None):
@@ -269,6 +324,7 @@ class Ctx:
         self.port = opts["port"]
         self.login = opts.get("login")
         self.passcode = opts.get("passcode")
+        self.transport = opts.get("transport", "tcp")
         self.start_ev, self.release_ev = events
         self.resq = resq
         self.deadline = deadline
@@ -276,7 +332,7 @@ class Ctx:
         self.reported = False
 
     def connect(self):
-        return Conn(self.host, self.port, self.login, self.passcode)
+        return Conn(self.host, self.port, self.login, self.passcode, transport=self.transport)
 
     def ready(self):
         """Tell the parent setup is done; block until every worker is ready and the parent says
@@ -698,8 +754,9 @@ class Env:
     the broker process (`broker` with rss()/hwm()/reset_hwm()/cpu(), or None)."""
 
     def __init__(self, host, port, timeout, broker=None, scale=1.0, login=None, passcode=None,
-                 control=True):
-        self.opts = {"host": host, "port": port, "login": login, "passcode": passcode}
+                 control=True, transport="tcp", transport_port=None):
+        self.opts = {"host": host, "port": transport_port or port, "login": login,
+                     "passcode": passcode, "transport": transport}
         self.control = control      # False: the broker has no ocamlmq /control/ destinations
         self.host, self.port = host, port
         self.timeout = timeout
@@ -944,6 +1001,10 @@ CASES = {
     "subs_queue": lambda env: case_subs(env, "queue"),
     "subs_topic": lambda env: case_subs(env, "topic"),
 }
+TRANSPORTS = ("ws", "tls")      # queue_ws, topic_tls, ...: the same case over that transport
+for _transport in TRANSPORTS:
+    for _case in ("queue", "topic"):
+        CASES[f"{_case}_{_transport}"] = CASES[_case]
 
 SCENARIOS = {
     "queue": ["queue"],
@@ -951,6 +1012,7 @@ SCENARIOS = {
     "topic": ["topic", "topic_prefix"],
     "backlog": ["backlog"],
     "subs": ["subs_queue", "subs_topic"],
+    "transports": ["queue_ws", "queue_tls", "topic_ws", "topic_tls"],
 }
 
 

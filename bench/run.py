@@ -37,16 +37,27 @@ import loadgen  # noqa: E402
 
 # Longest each case may take (seconds); the overall --budget caps the sum.
 CASE_TIMEOUT = {"queue": 60, "durable4": 30, "durable16": 30, "topic": 45, "topic_prefix": 45,
-                "backlog": 90, "subs_queue": 45, "subs_topic": 45}
+                "backlog": 90, "subs_queue": 45, "subs_topic": 45, "queue_ws": 60,
+                "queue_tls": 60, "topic_ws": 45, "topic_tls": 45}
 
 
 class Broker:
     """ocamlmq.py started from the checkout on a free port with a temp database."""
 
-    def __init__(self, backend="sqlite", pg=None, extra=(), login=None, passcode=None):
+    def __init__(self, backend="sqlite", pg=None, extra=(), login=None, passcode=None,
+                 transport="tcp"):
         self.tmp = tempfile.mkdtemp(prefix="ocamlmq-bench-")
-        self.port = free_port()
+        self.port = self.transport_port = free_port()
         self.cmd = [sys.executable, os.path.join(ROOT, "ocamlmq.py"), "-port", str(self.port)]
+        if transport != "tcp":        # the same broker, also on a WebSocket or TLS port
+            self.transport_port = free_port()
+            self.cmd += ["-%s-port" % transport, str(self.transport_port)]
+        if transport == "tls":
+            cert, key = os.path.join(self.tmp, "cert.pem"), os.path.join(self.tmp, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                            "1", "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
+                           check=True, capture_output=True, timeout=60)
+            self.cmd += ["-tls-cert", cert, "-tls-key", key]
         if login is not None:
             self.cmd += ["-login", login, "-passcode", passcode or ""]
         self.cmd += list(extra)
@@ -131,10 +142,16 @@ def run_case(name, args, timeout):
             env = loadgen.Env(args.host, args.port, timeout, probe, args.scale,
                               args.login, args.passcode, control=not args.no_control)
         else:
-            broker = Broker(args.backend, args.pg, args.broker_arg, args.login, args.passcode)
+            transport = name.rsplit("_", 1)[1] if name.endswith(
+                tuple("_" + t for t in loadgen.TRANSPORTS)) else "tcp"
+            broker = Broker(args.backend, args.pg, args.broker_arg, args.login, args.passcode,
+                            transport)
             env = loadgen.Env("127.0.0.1", broker.port, timeout, broker.probe, args.scale,
-                              args.login, args.passcode)
+                              args.login, args.passcode, transport=transport,
+                              transport_port=broker.transport_port)
         figs = loadgen.CASES[name](env)
+        for f in figs:
+            f["case"] = name
     except (loadgen.BenchError, OSError) as e:
         note = "FAILED: %s: %s" % (type(e).__name__, e)
         if broker is not None and not broker.alive():
@@ -217,6 +234,12 @@ def print_table(figs, out=sys.stdout):
         if j == 0:
             print("  ".join("-" * w for w in widths), file=out)
     print(file=out)
+    plain = {(f["case"], f["figure"]): f["value"] for f in figs}
+    for f in figs:                # a transport's figure as a share of plain TCP's, same run
+        base = plain.get((f["case"].rsplit("_", 1)[0], f["figure"]))
+        if f["case"].endswith(("_ws", "_tls")) and base and f["value"] is not None:
+            print("%s: %.2fx of plain TCP (%s)" % (f["case"], f["value"] / base, f["figure"]),
+                  file=out)
     seen = set()
     for f in figs:
         key = (f["case"], f["notes"])
