@@ -811,7 +811,7 @@ class Client:
     """One connection's broker-side state. The broker appends frames to `outbox` and sets
     `closing`; the reactor writes the outbox, tells the broker what it wrote, and closes.
 
-    A frame in the outbox is a tuple of buffers, written with one sendmsg for many frames: a
+    A frame in the outbox is a tuple of buffers, many written with one send: a
     topic message's headers and body are buffers shared by every subscriber's outbox. Frames
     are dropped whole or not at all (see Broker.drop_output); `head_sent` bytes of the first
     one are written, `unsent` counts the bytes still to write, and `frames_sent` of the
@@ -2027,15 +2027,15 @@ class Reactor:
 
     Each turn: run the due timers, wait on the sockets until the next timer, hand what was read
     to the broker, let the broker commit its durable batch (see gather_commit), then write every
-    touched outbox with one sendmsg call each (more only if the kernel takes less)."""
+    touched outbox with one send of up to WRITE_CHUNK bytes."""
 
     READ_SIZE = 256 * 1024
-    MAX_BUFFERS = 1024            # buffers per sendmsg call (the kernel's IOV_MAX)
+    MAX_FRAMES = 4096             # frames looked at for one write
     GATHER = 0.0005               # longest wait for more SENDs to share a disk sync
     CLOSE_GRACE = 5.0             # how long a closing connection may take to drain its outbox
     MIN_COMPACT = 4096            # timers in the heap before cancelled ones are swept out
     ACCEPT_PAUSES = (0.1, 1.0)    # out of file descriptors: first and longest accept pause
-    TLS_CHUNK = 256 * 1024        # plaintext encrypted at once, and ciphertext held at most
+    WRITE_CHUNK = 256 * 1024      # bytes sent (or encrypted, for TLS) at once
 
     def __init__(self, listeners, clock=time.monotonic, tls_context=None, ws_origins=None):
         self.listeners = listeners    # [(socket, kind)], kind: "stomp", "tls" or "ws"
@@ -2249,24 +2249,30 @@ class Reactor:
                     | (selectors.EVENT_WRITE if outbox or conn.ciphertext else 0))
         self.watch(conn.sock, client, want)
 
-    def outbox_buffers(self, client):
-        """The outbox as buffers, from the first byte not yet written, for one write."""
-        buffers = list(itertools.chain.from_iterable(client.outbox[:self.MAX_BUFFERS]))
-        del buffers[self.MAX_BUFFERS:]
-        skip = client.head_sent
-        while skip:                   # the part of the first frame written already
-            if skip < len(buffers[0]):
-                buffers[0] = memoryview(buffers[0])[skip:]
+    def outbox_bytes(self, client):
+        """Up to WRITE_CHUNK bytes of the outbox, from the first byte not yet written, joined:
+        one send of many small frames costs less than an iovec each, and no large buffer is
+        copied whole."""
+        parts, size, skip = [], 0, client.head_sent
+        for buf in itertools.chain.from_iterable(client.outbox[:self.MAX_FRAMES]):
+            if skip:                  # the part of the first frame written already
+                if skip >= len(buf):
+                    skip -= len(buf)
+                    continue
+                buf, skip = memoryview(buf)[skip:], 0
+            if size + len(buf) >= self.WRITE_CHUNK:
+                parts.append(memoryview(buf)[:self.WRITE_CHUNK - size])
                 break
-            skip -= len(buffers.pop(0))
-        return buffers
+            parts.append(buf)
+            size += len(buf)
+        return b"".join(parts)
 
     def send_plain(self, client, sock):
-        """sendmsg what the kernel takes; None if the connection is gone."""
+        """Send what the kernel takes; None if the connection is gone."""
         if not client.outbox:
             return 0
         try:
-            sent = sock.sendmsg(self.outbox_buffers(client))
+            sent = sock.send(self.outbox_bytes(client))
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
@@ -2280,8 +2286,8 @@ class Reactor:
         """Encrypt the outbox into the connection's ciphertext buffer while it is short (so
         that "written" still means "about to leave"), then send what the kernel takes."""
         tls = conn.tls
-        while tls.ready and client.outbox and len(conn.ciphertext) < self.TLS_CHUNK:
-            plaintext = b"".join(self.outbox_buffers(client))[:self.TLS_CHUNK]
+        while tls.ready and client.outbox and len(conn.ciphertext) < self.WRITE_CHUNK:
+            plaintext = self.outbox_bytes(client)
             tls.send(plaintext)
             conn.ciphertext += tls.take_output()
             self.broker.output_written(client, len(plaintext))
