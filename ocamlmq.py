@@ -402,6 +402,7 @@ class WebSocket:
         self.closing = False
         self.metrics_wanted = False
         self.replies = []
+        self.ping = None                  # the payload of the latest ping not yet answered
         self.in_message = False           # between the fragments of a data message
         self.message_size = 0
         self.frame_left = 0               # payload bytes of the current data frame still due
@@ -425,9 +426,9 @@ class WebSocket:
     def _handshake(self):
         """Read the HTTP request; True once the connection is a WebSocket."""
         end = self.buffer.find(b"\r\n\r\n")
+        if end > self.MAX_REQUEST or (end < 0 and len(self.buffer) > self.MAX_REQUEST):
+            raise WebSocketError(431, "request too large")
         if end < 0:
-            if len(self.buffer) > self.MAX_REQUEST:
-                raise WebSocketError(431, "request too large")
             return False
         lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
         del self.buffer[:end + 4]
@@ -521,9 +522,11 @@ class WebSocket:
         return b"".join(out)
 
     def _control(self, opcode, payload):
-        if opcode == WS_PING:
-            self.replies.append(self.message(WS_PONG, payload))
+        if opcode == WS_PING:             # answered once per read, the latest (RFC 6455 5.5.3)
+            self.ping = payload
         elif opcode == WS_CLOSE:          # answer with the same code, then end
+            if len(payload) == 1:
+                raise WebSocketError(1002, "bad close frame")
             self.replies.append(self.message(WS_CLOSE, payload[:2]))
             self.closing = True
 
@@ -547,9 +550,10 @@ class WebSocket:
         return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
 
     def frame(self, buffers, size):
-        """One outgoing STOMP frame of `size` bytes as one message: text, or binary if it is
-        not UTF-8. Returns the buffers to write, and their size."""
-        opcode = WS_TEXT if all(map(is_utf8, buffers)) else WS_BINARY
+        """One outgoing STOMP frame of `size` bytes as one message: text, or binary if its body
+        is not UTF-8. Returns the buffers to write, and their size."""
+        body = buffers[-2] if len(buffers) > 2 else buffers[0]    # the rest is ours: text
+        opcode = WS_TEXT if is_utf8(body) else WS_BINARY
         header = self.header(opcode, size)
         return (header, *buffers), size + len(header)
 
@@ -2203,13 +2207,24 @@ class Reactor:
                 ws.replies.append(http_response(
                     200, [("Content-Type", "text/plain; version=0.0.4")],
                     self.broker.metrics().encode()))
-            for reply in ws.replies:
-                self.broker.send(client, (reply,), len(reply), raw=True)
+            if ws.ping is not None and not client.output_full:
+                ws.replies.insert(-1 if ws.closing else len(ws.replies),
+                                  ws.message(WS_PONG, ws.ping))
+            ws.ping = None
+            last = ws.replies.pop() if ws.closing and ws.open and ws.replies else None
+            for reply in ws.replies:          # the handshake's answer, before any frame
+                self.send_raw(client, reply)
             ws.replies = []
         if data:
             self.broker.data_received(client, data)
+        if ws is not None and ws.closing and ws.open and last is not None:
+            self.send_raw(client, last)       # a close frame goes after what came before it
         if (ws is not None and ws.closing) or (conn.tls is not None and conn.tls.ended):
             self.broker.close(client)
+
+    def send_raw(self, client, data):
+        """Bytes of the transport's own (a handshake answer, a pong, a close) for the outbox."""
+        self.broker.send(client, (data,), len(data), raw=True)
 
     def flush_outboxes(self):
         """Write every outbox that got bytes; what writing causes (auto-ACKs make room for more
@@ -2234,8 +2249,7 @@ class Reactor:
         if client.closing and not outbox and not conn.ciphertext:
             if conn.ws is not None and conn.ws.open and not conn.ws.closing:
                 conn.ws.close(1000)           # end the WebSocket too, then the socket
-                reply = conn.ws.replies.pop()
-                self.broker.send(client, (reply,), len(reply), raw=True)
+                self.send_raw(client, conn.ws.replies.pop())
                 return self.write(client)
             self.close(client)
             return
@@ -2286,9 +2300,13 @@ class Reactor:
         """Encrypt the outbox into the connection's ciphertext buffer while it is short (so
         that "written" still means "about to leave"), then send what the kernel takes."""
         tls = conn.tls
-        while tls.ready and client.outbox and len(conn.ciphertext) < self.WRITE_CHUNK:
+        if tls.ready and client.outbox and not conn.ciphertext:   # one chunk at a time
             plaintext = self.outbox_bytes(client)
-            tls.send(plaintext)
+            try:
+                tls.send(plaintext)
+            except ssl.SSLError:
+                self.close(client)
+                return None
             conn.ciphertext += tls.take_output()
             self.broker.output_written(client, len(plaintext))
         conn.ciphertext += tls.take_output()
@@ -2393,11 +2411,13 @@ class Tls:
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
+                chunk = b""
+            if not chunk:                 # close_notify: nothing more will be read
                 self.ended = True
                 break
-            if not chunk:
-                break
             chunks.append(chunk)
+        if self.incoming.pending > self.READ_SIZE:    # bytes it will never decrypt
+            raise ssl.SSLError("undecryptable input")
         return b"".join(chunks)
 
     def send(self, plaintext):
@@ -2562,6 +2582,7 @@ def main(argv):
     if settings["tls_cert"] is not None:
         try:
             tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls_context.options |= ssl.OP_NO_RENEGOTIATION
             tls_context.load_cert_chain(settings["tls_cert"], settings["tls_key"])
         except (OSError, ssl.SSLError) as e:
             print(f"ocamlmq.py: cannot use the TLS certificate or key: {e.strerror or e}",

@@ -9,6 +9,7 @@ the Origin check; raw STOMP over TLS and stomp.py over TLS; /metrics parsed as P
 import base64
 import hashlib
 import socket
+import ssl
 import time
 
 import pytest
@@ -331,3 +332,46 @@ def test_a_bad_key_file_is_one_line_and_exit_1(tmp_path, tls_files):
     r = run_cli(["-port", str(free_port()), "-tls-port", str(free_port()), "-tls-cert",
                  tls_files[0], "-tls-key", str(bad), str(tmp_path / "x.db")])
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_read_that_ends_with_a_close_gets_its_frames_answered_before_the_close(web, qname):
+    ws = ws_client(web)
+    ws.sock.sendall(ws_frame(encode_frame("SEND", {"destination": f"/topic/{qname}",
+                                                   "receipt": "last"}))
+                    + ws_frame((1000).to_bytes(2, "big"), opcode=8))
+    frames = ws.expect_closed()
+    assert [f.command for f in frames] == ["RECEIPT"] and ws.close_code == 1000
+
+
+def test_a_ping_flood_from_a_client_that_never_reads_costs_little(web):
+    from test_hostile import rss_kib
+    ws = ws_client(web)
+    before = rss_kib(web.proc.pid)
+    flood = ws_frame(b"", opcode=9) * 40_000
+    for _ in range(25):                       # a million pings, never reading a pong
+        ws.sock.sendall(flood)
+    assert web.client().count_msgs("x") == 0  # everything sent has been read by now
+    growth_kib = rss_kib(web.proc.pid) - before
+    assert growth_kib < 20 * 1024, f"{growth_kib} KiB for a million unanswered pings"
+
+
+def test_tls_close_notify_ends_the_connection(tls_broker, client_tls):
+    """After close_notify nothing more is decrypted: the broker closes rather than keep
+    taking bytes it will never read."""
+    raw = TlsClient(tls_broker.tls_port, client_tls)
+    raw.connect("1.2")
+    sock = raw.sock
+    try:
+        sock = sock.unwrap()                  # close_notify (the broker may close at once)
+    except ssl.SSLError:
+        pass
+    sock.settimeout(5)
+    t0 = time.monotonic()
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    assert time.monotonic() - t0 < 5
+    sock.close()
+    assert tls_broker.client().count_msgs("x") == 0
