@@ -275,20 +275,20 @@ class WsFraming:
         return b"\x82" + length + b"\0\0\0\0" + data      # a zero mask leaves data as it is
 
     def unwrap(self, data):
-        buf = self.buf + data
-        out = []
-        while len(buf) >= 2:
-            n, start = buf[1] & 0x7F, 2
+        buf = self.buf + data if self.buf else data
+        out, pos = [], 0
+        while len(buf) - pos >= 2:
+            n, start = buf[pos + 1] & 0x7F, pos + 2
             if n == 126:
-                n, start = int.from_bytes(buf[2:4], "big"), 4
+                n, start = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 4
             elif n == 127:
-                n, start = int.from_bytes(buf[2:10], "big"), 10
+                n, start = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
             if len(buf) < start + n:
                 break
-            if buf[0] & 0x0F in (1, 2):
+            if buf[pos] & 0x0F in (1, 2):
                 out.append(buf[start:start + n])
-            buf = buf[start + n:]
-        self.buf = buf
+            pos = start + n
+        self.buf = buf[pos:]
         return b"".join(out)
 
 
