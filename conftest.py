@@ -1037,3 +1037,12 @@ def client_tls(tls_files):
     """An SSLContext that trusts the test certificate."""
     import ssl
     return ssl.create_default_context(cafile=tls_files[0])
+
+
+@pytest.fixture
+def web(start_broker):
+    """A broker that also serves WebSocket (and /metrics) on `web.ws_port`."""
+    ws_port = free_port()
+    b = start_broker("-ws-port", str(ws_port))
+    b.ws_port = ws_port
+    return b

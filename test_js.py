@@ -29,13 +29,6 @@ def node(script, *args, timeout=60):
     return r.stdout
 
 
-@pytest.fixture
-def web(start_broker):
-    ws_port = free_port()
-    b = start_broker("-ws-port", str(ws_port))
-    b.ws_port = ws_port
-    return b
-
 
 def test_stompjs_in_node_exchanges_acks_and_nacks(web, qname):
     tcp = web.client()

@@ -19,14 +19,6 @@ from conftest import (HOST, Closed, TlsClient, WsClient, encode_frame, free_port
                       read_http_response, run_cli, ws_frame, ws_handshake)
 
 
-@pytest.fixture
-def web(start_broker):
-    """A broker that also serves WebSocket (and /metrics) on `web.ws_port`."""
-    ws_port = free_port()
-    b = start_broker("-ws-port", str(ws_port))
-    b.ws_port = ws_port
-    return b
-
 
 @pytest.fixture
 def tls_broker(start_broker, tls_files):
