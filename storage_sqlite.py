@@ -12,6 +12,7 @@ The index on (queue, rank), which sqlite extends with the rowid `id`, makes "the
 queue Q after key K" one index range scan, however many queues and messages the table holds.
 """
 
+import fcntl
 import functools
 import sqlite3
 
@@ -51,6 +52,7 @@ class SqliteBackend:
     """Rows of queue messages in a sqlite file. Every method may raise StorageError."""
 
     def __init__(self, path):
+        self.lock = self._lock(path)
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -60,6 +62,25 @@ class SqliteBackend:
             self.db.execute("BEGIN")
         except sqlite3.Error as e:
             raise StorageError(f"cannot use sqlite database {path!r}: {e}") from None
+
+    @staticmethod
+    def _lock(path):
+        """One broker per database file: an exclusive flock on it for the broker's life (sqlite's
+        own locks are per transaction, and two brokers on one file would deliver everything
+        twice). The file stays open until the process ends: closing any descriptor of the file
+        would drop sqlite's POSIX locks."""
+        try:
+            lock = open(path, "ab")
+        except OSError as e:
+            raise StorageError(f"cannot use sqlite database {path!r}: {e.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StorageError(f"sqlite database {path!r} is in use by another broker "
+                               f"(one broker per file; several brokers can share PostgreSQL)"
+                               ) from None
+        return lock
 
     def max_id(self):
         """The highest message id stored, or 0."""
@@ -106,6 +127,7 @@ class SqliteBackend:
             self.db.close()
         except sqlite3.Error as e:
             raise StorageError(f"closing the sqlite database: {e}") from None
+        self.lock.close()         # sqlite is done with the file: its locks are gone anyway
 
     def _run(self, operation):
         try:

@@ -48,7 +48,8 @@ def barrier(c):
 # ============================================================================================
 
 ALL_FLAGS = ["-port", "-address", "-login", "-passcode", "-maxmsgs", "-flush-period",
-             "-max-prefetch", "-max-frame-size", "-max-pending", "-pg", "-debug", "-help"]
+             "-max-prefetch", "-max-frame-size", "-max-pending", "-max-memory", "-pg", "-ws-port",
+             "-ws-origin", "-tls-port", "-tls-cert", "-tls-key", "-debug", "-help"]
 
 
 @pytest.mark.parametrize("flag", ["-help", "--help"])
@@ -114,6 +115,16 @@ def test_unusable_database_is_a_one_line_error_and_exit_1(tmp_path, kind):
     r = run_cli(["-port", str(free_port()), str(path)], timeout=10)
     assert r.returncode == 1, (r.returncode, r.stderr)
     _one_line_error(r)
+
+
+def test_a_second_broker_on_a_sqlite_file_in_use_exits_1_with_one_line(broker, qname):
+    """sqlite is one broker per file: a second one would deliver every message twice."""
+    broker.client().send(f"/queue/{qname}", b"kept")
+    r = run_cli(["-port", str(free_port()), broker.db], timeout=10)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    _one_line_error(r)
+    assert "in use" in r.stderr
+    assert broker.client().count_msgs(qname) == 1     # the first one serves on
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
