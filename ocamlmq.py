@@ -824,7 +824,8 @@ class Client:
                  "head_sent", "unsent", "shared_frames", "frames_queued", "frames_sent",
                  "after_write",
                  "subscriptions", "deliveries", "transactions", "transaction_bytes",
-                 "input_held", "reading_paused", "held_frame", "watching_stall",
+                 "input_held", "transport_held", "reading_paused", "held_frame",
+                 "watching_stall",
                  "output_full", "last_input", "last_output", "timers", "framing",
                  "__weakref__")
 
@@ -847,6 +848,7 @@ class Client:
         self.transactions = {}    # transaction id -> [(command handler, frame), ...]
         self.transaction_bytes = 0    # what the open transactions cost, about
         self.input_held = 0       # bytes of input the parser holds (counted in Broker.held)
+        self.transport_held = 0   # output its transport holds beyond the outbox (TLS)
         self.reading_paused = False   # storage backpressure: its frames wait unread
         self.held_frame = None    # a frame that needs storage, waiting out backpressure
         self.watching_stall = False   # a timer watches its incomplete frame
@@ -857,7 +859,7 @@ class Client:
 
     def holding(self):
         """What this connection makes the broker hold, shared buffers counted in full."""
-        return self.input_held + self.unsent + self.transaction_bytes
+        return self.input_held + self.unsent + self.transaction_bytes + self.transport_held
 
 
 class SharedBuffers:
@@ -1119,6 +1121,7 @@ class Broker:
             self.let_go(client, frame)
         client.outbox = []
         client.unsent = client.head_sent = 0
+        self.transport_holds(client, 0)
         self.clients.discard(client)
 
     def output_written(self, client, sent):
@@ -1319,6 +1322,12 @@ class Broker:
         return frame.command == "COMMIT" or (
             frame.command == "SEND" and "transaction" not in frame.headers
             and frame.headers.get("destination", "").startswith("/queue/"))
+
+    def transport_holds(self, client, size):
+        """The client's transport now holds `size` bytes of its output beyond the outbox (TLS
+        ciphertext not yet sent): counted like the outbox."""
+        self.held += size - client.transport_held
+        client.transport_held = size
 
     def pause_reading(self, client):
         client.reading_paused = True
@@ -2297,8 +2306,8 @@ class Reactor:
         return sent
 
     def send_tls(self, client, conn):
-        """Encrypt the outbox into the connection's ciphertext buffer while it is short (so
-        that "written" still means "about to leave"), then send what the kernel takes."""
+        """Encrypt a chunk of the outbox once the last chunk's ciphertext is sent (so that
+        "written" still means "about to leave"), then send what the kernel takes."""
         tls = conn.tls
         if tls.ready and client.outbox and not conn.ciphertext:   # one chunk at a time
             plaintext = self.outbox_bytes(client)
@@ -2310,6 +2319,7 @@ class Reactor:
             conn.ciphertext += tls.take_output()
             self.broker.output_written(client, len(plaintext))
         conn.ciphertext += tls.take_output()
+        self.broker.transport_holds(client, len(conn.ciphertext))
         if not conn.ciphertext:
             return 0
         try:
@@ -2320,6 +2330,7 @@ class Reactor:
             self.close(client)
             return None
         del conn.ciphertext[:sent]
+        self.broker.transport_holds(client, len(conn.ciphertext))
         return sent
 
     def watch(self, sock, data, events):

@@ -306,7 +306,8 @@ def test_in_an_outage_no_new_connection_or_transaction_gets_past_the_full_cache(
 
 
 def test_what_clients_hold_is_uncounted_when_they_go(harness):
-    """Input, output (a shared topic body too) and transactions: back to zero."""
+    """Input, output (a shared topic body too), a transport's buffer and transactions: back
+    to zero."""
     subscribers = [harness.connect() for _ in range(3)]
     for i, c in enumerate(subscribers):
         harness.feed(c, encode_frame("SUBSCRIBE", {"destination": "/topic/t", "id": f"s{i}"}))
@@ -316,6 +317,8 @@ def test_what_clients_hold_is_uncounted_when_they_go(harness):
     harness.feed(producer, b"SEND\ndestination:/queue/q\ncontent-length:1000\n\nhalf")
     assert harness.broker.held > 100_000 and len(harness.broker.shared) == 1
     harness.write(subscribers[0], limit=50_000)
+    harness.broker.transport_holds(subscribers[1], 70_000)    # TLS ciphertext not yet sent
+    assert max(harness.broker.clients, key=ocamlmq.Client.holding) is subscribers[1]
     for c in subscribers + [producer]:
         harness.broker.connection_lost(c)
     assert harness.broker.held == 0 and harness.broker.shared == {}
