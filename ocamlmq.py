@@ -1694,44 +1694,40 @@ class Broker:
         every outbox gets the same buffers for it and, per version, for the headers after
         the subscriber's own."""
         destination = "/topic/" + name
-        subscribers = self.topic_subscribers(name)
         msg_id = str(msg.id)
-        if msg.size < self.SHARE_FROM:
-            rests = {}            # version -> the frame after the delivery's own headers
-            for sub in subscribers:
-                client = sub.client
-                if client.closing:
-                    continue
-                version = client.version
-                rest = rests.get(version)
-                if rest is None:
-                    rest = rests[version] = encode_message_tail(
-                        destination, msg.headers, len(msg.body), version) + msg.body + FRAME_END
-                frame = encode_message_head(sub.id, msg_id, version == "1.2" and
-                                            sub.ack_mode != "auto", False, version) + rest
-                self.send(client, (frame,), len(frame))
-                self.totals["delivered"] += 1
-            return
-        body = memoryview(msg.body)
-        shared = self.shared[id(body)] = SharedBuffers(len(body))   # publish is a user too,
-        self.held += shared.size                                      # while it fans out
-        tails = {}
-        for sub in subscribers:
+        shared = None
+        if msg.size >= self.SHARE_FROM:
+            body = memoryview(msg.body)
+            shared = self.shared[id(body)] = SharedBuffers(len(body))   # publish is a user
+            self.held += shared.size                                      # while it fans out
+        rests = {}                # version -> the frame after the delivery's own headers
+        for sub in self.topic_subscribers(name):
             client = sub.client
             if client.closing:
                 continue
-            tail = tails.get(client.version)
-            if tail is None:
-                tail = tails[client.version] = memoryview(encode_message_tail(
-                    destination, msg.headers, len(body), client.version))
-                shared.size += len(tail)
-                self.held += len(tail)
-            shared.users += 1
+            version = client.version
+            rest = rests.get(version)
+            if rest is None:
+                tail = encode_message_tail(destination, msg.headers, len(msg.body), version)
+                if shared is None:
+                    rest = tail + msg.body + FRAME_END
+                else:
+                    rest = (memoryview(tail), body, FRAME_END)
+                    shared.size += len(tail)
+                    self.held += len(tail)
+                rests[version] = rest
+            head = encode_message_head(sub.id, msg_id, version == "1.2" and
+                                       sub.ack_mode != "auto", False, version)
             self.totals["delivered"] += 1
-            head = self.message_head(sub, msg)
-            self.send(client, (head, tail, body, FRAME_END),
-                      len(head) + len(tail) + len(body) + 2, len(tail) + len(body))
-        self.unshare(body)
+            if shared is None:
+                frame = head + rest
+                self.send(client, (frame,), len(frame))
+            else:
+                shared.users += 1
+                size = len(rest[0]) + len(body)
+                self.send(client, (head, *rest), len(head) + size + 2, size)
+        if shared is not None:
+            self.unshare(body)
 
     # ---- queues --------------------------------------------------------------------------------
 
@@ -1810,8 +1806,10 @@ class Broker:
         self.totals["delivered"] += 1
         if sub.ack_mode != "auto":
             client.deliveries[msg_id] = sub
-        head = self.message_head(sub, msg) + encode_message_tail(
-            "/queue/" + msg.queue, msg.headers, len(msg.body), client.version)
+        version = client.version
+        head = encode_message_head(sub.id, msg_id, version == "1.2" and sub.ack_mode != "auto",
+                                   msg.redelivered, version) + encode_message_tail(
+            "/queue/" + msg.queue, msg.headers, len(msg.body), version)
         if msg.size < self.SHARE_FROM:
             frame = head + msg.body + FRAME_END
             self.send(client, (frame,), len(frame))
@@ -1827,14 +1825,6 @@ class Broker:
             if msg.timer is not None:
                 msg.timer.cancel()
             msg.timer = self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id)
-
-    @staticmethod
-    def message_head(sub, msg):
-        """The headers of this delivery: its subscription, id, ack and redelivered flag."""
-        version = sub.client.version
-        return encode_message_head(sub.id, str(msg.id),
-                                   version == "1.2" and sub.ack_mode != "auto",
-                                   msg.redelivered, version)
 
     def requeue(self, sub, msg):
         """Put a delivered message back in its queue, marked redelivered; returns the queue."""
