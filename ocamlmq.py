@@ -21,7 +21,10 @@ by priority (highest first) and then age, until a subscription has room under it
 It is then *delivered*: written to that subscriber and remembered, with an ack-timeout deadline if
 the SEND gave one, until the subscriber ACKs it, which *deletes* it from the cache or the disk.
 A NACK, a passed deadline, an UNSUBSCRIBE or the end of the connection puts the message back in
-its queue, marked redelivered, for the next ready subscription. Nothing else ever drops a message.
+its queue, its delivery count kept with it, for the next ready subscription; a message delivered
+-max-deliveries times (or NACKed with requeue:false) moves to its dead-letter queue instead. A
+message past its `expires` time is dropped (or dead-lettered, if it asked for that); a delayed
+one waits on disk until its time. Nothing else ever drops a message.
 
 The reactor runs in turns: wait for sockets and timers, handle every complete frame that arrived,
 then commit the turn's durable batch with one disk sync (group commit), and only then write the
@@ -136,16 +139,19 @@ def encode_headers(headers, version):
     return "".join(lines).encode()
 
 
-def encode_message_head(subscription, message_id, ack, redelivered, version):
+def encode_message_head(subscription, message_id, ack, deliveries, version):
     """The start of a MESSAGE frame: the headers that differ per delivery (encode_headers,
-    unrolled for the fast path: only the subscription id can hold a character to escape)."""
+    unrolled for the fast path: only the subscription id can hold a character to escape).
+    `deliveries` counts this one; topic messages have none (0)."""
     if NEEDS_ENCODING.search(subscription):
         subscription = subscription.translate(HEADER_ENCODINGS[version][1])
     head = f"MESSAGE\nsubscription:{subscription}\nmessage-id:{message_id}\n"
     if ack:
         head += f"ack:{message_id}\n"
-    if redelivered:
-        head += "redelivered:true\n"
+    if deliveries:
+        head += f"delivery-count:{deliveries}\n"
+        if deliveries > 1:
+            head += "redelivered:true\n"
     return head.encode()
 
 
@@ -578,12 +584,13 @@ class ClientError(Exception):
 
 class Message:
     """A queue or topic message. `rank` is minus the priority, so (rank, id) sorts in delivery
-    order. `headers` are the client's own SEND headers, passed through to MESSAGE."""
-    __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "size",
-                 "redelivered", "state", "timer")
+    order. `headers` are the client's own SEND headers, passed through to MESSAGE. Times
+    (`expires`, `ready_at`) are Unix time in seconds."""
+    __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "size", "deliveries",
+                 "expires", "ready_at", "state", "timer")
 
-    def __init__(self, msg_id, queue, rank, ack_timeout, headers, body, size, redelivered=False,
-                 state=None):
+    def __init__(self, msg_id, queue, rank, ack_timeout, headers, body, size, deliveries=0,
+                 expires=None, ready_at=None):
         self.id = msg_id
         self.queue = queue            # queue name, or None for a topic message
         self.rank = rank
@@ -591,27 +598,45 @@ class Message:
         self.headers = headers        # [(name, value), ...]
         self.body = body
         self.size = size              # what it costs in memory, about: body and headers
-        self.redelivered = redelivered
-        self.state = state            # where the store holds it: CACHED, BATCHED, ... (below)
+        self.deliveries = deliveries  # how often it was delivered (as far as the disk knows)
+        self.expires = expires        # never delivered from then on
+        self.ready_at = ready_at      # a delayed message: not delivered before then
+        self.state = None             # where the store holds it: CACHED, BATCHED, ... (below)
         self.timer = None             # its ack-timeout while it is delivered and not ACKed
 
     def row(self):
+        """The message as a backend stores it; a delayed message waits under a queue name of
+        its own, so that reading a queue in order never has to step over it."""
         headers = json.dumps(self.headers) if self.headers else "[]"
-        return (self.id, self.queue, self.rank, self.ack_timeout, headers, self.body)
+        queue = self.queue if self.ready_at is None else DELAYED + self.queue
+        return (self.id, queue, self.rank, self.ack_timeout, headers, self.body,
+                self.deliveries, self.expires, self.ready_at)
 
     @classmethod
-    def from_row(cls, queue, row):
-        msg_id, rank, ack_timeout, headers, body = row
+    def from_row(cls, row):
+        msg_id, queue, rank, ack_timeout, headers, body, deliveries, expires, ready_at = row
         size = len(body) + len(headers)
         headers = [tuple(h) for h in json.loads(headers)] if headers != "[]" else []
-        return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body), size)
+        if ready_at is not None:
+            queue = queue[len(DELAYED):]
+        return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body), size, deliveries,
+                   expires, ready_at)
+
+    def expired(self, now):
+        return self.expires is not None and self.expires <= now
+
+
+DELAYED = "\x1f"      # the prefix of a delayed message's stored queue name (a client's queue
+                      # name cannot hold a control character)
 
 
 # Where the store holds a message (Message.state). A message moves down this list, except that a
 # failed commit sends INSERTED messages back to RECACHED.
 CACHED = "cached"             # in memory only; inserted at the next flush (no receipt waits)
 BATCHED = "batched"           # in memory only; a RECEIPT waits: inserted and synced this turn
-RECACHED = "recached"         # in memory again after a failed commit; its row may exist or not
+RECACHED = "recached"         # in memory again, to be written again: after a failed commit (its
+                              # row may exist or not), or back from a delivery (its row has an
+                              # older delivery count)
 INSERTED = "inserted"         # its row is in the open transaction, durable at the next commit
 ON_DISK = None                # its row is committed
 ACKED = "acked"               # done: never written, its row (if any) deleted
@@ -625,19 +650,26 @@ class MessageStore:
       save(msg, durable)  store a new message: into this turn's batch if `durable` (its SEND
                           asked for a receipt), else into the cache.
       ack(msg)            the message is done: drop it from memory, or delete its row.
+      returned(msg)       the message is back from a delivery: its row is to get its count.
+      move(msg, queue)    the message goes to another queue (dead-lettered), synced this turn.
       want_sync()         a RECEIPT of this turn promises something durable (an ACK's delete).
       commit()            end of a reactor turn: insert the batch and apply the deletes, synced to
                           disk in one transaction; nothing at all when no receipt waits.
       flush()             write the cache too (every -flush-period, or when over -maxmsgs).
       fetch(queue, after, limit)  the next messages of a queue after the key `after`, in order;
                           that queue's unsaved messages are inserted into the open transaction
-                          first (no sync), so that the read finds them in their place.
-      count(queue), max_id(), over(...), close().
+                          first (no sync), so that the read finds them in their place (so does
+                          count).
+      take_due(now, limit), take_expired(now, limit)  delayed messages whose time has come
+                          (now ready, in their queues), and expired messages not in memory.
+      count(queue, now), next_due(), max_id(), over(...), close().
 
-    A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows:
-      max_id(), insert(rows), delete(ids), commit(), fetch(queue, after, limit), count(queue),
-      close(); insert and delete join an open transaction that commit() makes durable, and
-      fetch and count see it. Any failure raises the backend's StorageError and loses that open
+    A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows (see
+    Message.row): max_id(), insert(rows), delete(ids), commit(), fetch(queue, after, limit),
+    due(column, now, limit) (rows whose `expires` or `ready_at` is past), next_due() (the first
+    `ready_at`), count(queues, now), close(); insert (which replaces a row of the same id) and
+    delete join an open transaction that commit() makes durable, and the reads see it.
+    Any failure raises the backend's StorageError and loses that open
       transaction; the store then keeps in memory everything not committed (RECACHED), reports
       `healthy = False`, and touches the database again only at the next flush.
     """
@@ -681,6 +713,18 @@ class MessageStore:
             self.stored -= 1
         msg.state = ACKED
 
+    def returned(self, msg):
+        if msg.state is ON_DISK or msg.state is INSERTED:
+            msg.state = RECACHED
+            self._keep_unsaved(msg)
+
+    def move(self, msg, queue):
+        if msg.state in UNSAVED:
+            self._forget_unsaved(msg)
+        self.stored -= 1
+        msg.queue, msg.deliveries, msg.expires, msg.ready_at = queue, 0, None, None
+        self.save(msg, durable=True)
+
     def want_sync(self):
         self.sync_wanted = True
 
@@ -709,24 +753,49 @@ class MessageStore:
         self.unsaved = {}         # empty now; a new dict gives back what a million queues took
 
     def fetch(self, queue, after, limit):
+        return [Message.from_row(row)
+                for row in self._read(queue, self.backend.fetch, queue, after, limit)]
+
+    def take_due(self, now, limit):
+        """Up to `limit` delayed messages whose time has come, made ready: written again, into
+        the open transaction, under their queue's name (or kept in memory if that fails)."""
+        msgs = [Message.from_row(row)
+                for row in self._read(None, self.backend.due, "ready_at", now, limit)]
+        for msg in msgs:
+            msg.ready_at = None
+            msg.state = RECACHED
+            self._keep_unsaved(msg)
+        try:
+            self._insert(msgs)
+        except self.StorageError:
+            self._failed()
+        return msgs
+
+    def take_expired(self, now, limit):
+        """Up to `limit` expired messages on disk that are not also in the cache."""
+        msgs = [Message.from_row(row)
+                for row in self._read(None, self.backend.due, "expires", now, limit)]
+        return [msg for msg in msgs if msg.id not in self.unsaved.get(msg.queue, ())]
+
+    def next_due(self):
+        return self._read(None, self.backend.next_due)
+
+    def count(self, queue, now):
+        return self._read(queue, self.backend.count, [queue, DELAYED + queue], now)
+
+    def _read(self, queue, read, *args):
+        """A read that sees everything: the pending deletes applied, and `queue`'s unsaved
+        messages inserted first (not synced, but if a RECEIPT waits for one of them, this
+        turn's commit still syncs it)."""
+        if not self.healthy:      # the deletes could not be applied
+            raise self.StorageError("storage unavailable")
         unsaved = list(self.unsaved.get(queue, {}).values())
         if any(msg.state is BATCHED for msg in unsaved):
-            self.sync_wanted = True   # inserted here, they are still synced by this turn's commit
+            self.sync_wanted = True
         try:
             self._insert(unsaved)
             self._apply_deletes()
-            rows = self.backend.fetch(queue, after, limit)
-        except self.StorageError:
-            self._failed()
-            raise
-        return [Message.from_row(queue, row) for row in rows]
-
-    def count(self, queue):
-        if not self.healthy:      # its pending deletes could not be applied: no exact count
-            raise self.StorageError("storage unavailable")
-        try:
-            self._apply_deletes()
-            return self.backend.count(queue) + len(self.unsaved.get(queue, ()))
+            return read(*args)
         except self.StorageError:
             self._failed()
             raise
@@ -1039,10 +1108,12 @@ class Broker:
 
     def __init__(self, store, call_later, clock=time.monotonic, login=None, passcode=None,
                  max_prefetch=100, max_pending=64 * 1024 * 1024, maxmsgs=100000,
-                 flush_period=1.0, max_frame_size=16 * 1024 * 1024, max_memory=1 << 30):
+                 flush_period=1.0, max_frame_size=16 * 1024 * 1024, max_memory=1 << 30,
+                 max_deliveries=0, wall_clock=time.time):
         self.store = store
         self.call_later = call_later
         self.clock = clock
+        self.wall_clock = wall_clock  # Unix time, for `expires` and delays
         self.login = login
         self.passcode = passcode
         self.max_prefetch = max_prefetch
@@ -1050,6 +1121,7 @@ class Broker:
         self.maxmsgs = maxmsgs
         self.max_frame_size = max_frame_size
         self.max_memory = max_memory
+        self.max_deliveries = max_deliveries
         self.queues = {}            # name -> Queue, for queues with subscribers
         self.topics = {}            # name -> ring of its subscriptions
         self.prefixes = {}          # prefix -> ring of its subscriptions
@@ -1066,6 +1138,8 @@ class Broker:
                                      "dead_lettered", "expired"), 0)   # for /metrics
         self.flush_period = flush_period
         call_later(flush_period, self.periodic_flush)
+        self.due_at = self.due_timer = None     # when the first delayed message is due
+        self.watch_due(store.next_due())
 
     # ---- what the reactor calls ------------------------------------------------------------
 
@@ -1423,8 +1497,8 @@ class Broker:
         return kind, name
 
     def parse_send(self, frame):
-        """(kind, name, rank, ack_timeout) of a SEND, every header checked; for a control
-        destination, name is (question, kind, target) (see control)."""
+        """(kind, name, rank, ack_timeout, expires, ready_at) of a SEND, every header checked;
+        for a control destination, name is (question, kind, target) (see control)."""
         h = frame.headers
         kind, name = self.parse_destination(h.get("destination"))
         if kind == "control":
@@ -1438,10 +1512,30 @@ class Broker:
             if not DECIMAL.fullmatch(ack_timeout):
                 raise ClientError(f"invalid ack-timeout {ack_timeout[:40]!r}")
             ack_timeout = float(ack_timeout) or None
-        return kind, name, -priority, ack_timeout
+        if kind != "queue":
+            return kind, name, -priority, ack_timeout, None, None
+        now = self.wall_clock()
+        for header in self.MILLISECONDS + ("max-deliveries",):
+            if h.get(header) is not None and parse_int(h[header], header) < 0:
+                raise ClientError(f"invalid {header} {h[header][:40]!r}")
+        expires, ready_at = (self.header_time(h, absolute, relative, now)
+                             for absolute, relative in self.MILLISECONDS_PAIRS)
+        return kind, name, -priority, ack_timeout, expires, ready_at if ready_at > now else None
+
+    MILLISECONDS_PAIRS = (("expires", "expiration"), ("deliver-at", "AMQ_SCHEDULED_DELAY"))
+    MILLISECONDS = sum(MILLISECONDS_PAIRS, ())
+
+    @staticmethod
+    def header_time(h, absolute, relative, now):
+        """A time in Unix seconds from a header in ms since the epoch (0: none), or else from
+        one in ms from now; 0 when neither is there."""
+        if h.get(absolute) is not None:
+            return int(h[absolute]) / 1000
+        return now + int(h[relative]) / 1000 if h.get(relative) is not None else 0
 
     PASSED_HEADERS_EXCLUDED = frozenset(("destination", "receipt", "transaction", "content-length",
-                                         "message-id", "subscription", "ack", "redelivered"))
+                                         "message-id", "subscription", "ack", "redelivered",
+                                         "delivery-count"))
 
     def passed_on(self, name):
         """Whether a SEND header goes on to the MESSAGE: not one of the broker's own, also
@@ -1454,7 +1548,7 @@ class Broker:
         return True
 
     def cmd_send(self, client, frame, durable=None):
-        kind, name, rank, ack_timeout = self.parse_send(frame)
+        kind, name, rank, ack_timeout, expires, ready_at = self.parse_send(frame)
         if durable is None:       # a SEND of its own (a COMMIT checks storage for all its own)
             durable = "receipt" in frame.headers
             if durable and kind == "queue" and not self.store.healthy:
@@ -1463,17 +1557,19 @@ class Broker:
             return self.control(client, frame, name)
         headers = [(k, v) for k, v in frame.headers.items() if self.passed_on(k)]
         msg = Message(self.next_id, name if kind == "queue" else None, rank, ack_timeout,
-                      headers, frame.body, frame.size)
+                      headers, frame.body, frame.size, 0, expires or None, ready_at)
         self.next_id += 1
         self.totals["received"] += 1
         if kind == "topic":
             self.publish(msg, name)
-        else:
-            self.store.save(msg, durable)
+        else:             # a delayed message is written at once: it waits on disk, not in memory
+            self.store.save(msg, durable or ready_at is not None)
             if not self.store.healthy:
                 self.check_backpressure()
             queue = self.queues.get(name)
-            if queue is not None:
+            if ready_at is not None:
+                self.watch_due(ready_at)
+            elif queue is not None:
                 self.offer(queue, msg)
                 self.dispatch(queue)
             if durable and "receipt" in frame.headers:
@@ -1494,7 +1590,7 @@ class Broker:
     def control(self, client, frame, control):
         question, kind, target = control
         if question == "count-msgs":
-            answer = {"num-messages": str(self.store.count(target))}
+            answer = {"num-messages": str(self.store.count(target, self.wall_clock()))}
         elif kind == "queue":
             queue = self.queues.get(target)
             answer = {"num-subscribers": str(queue.subscribers if queue else 0)}
@@ -1565,11 +1661,15 @@ class Broker:
 
     def cmd_nack(self, client, frame):
         queues = set()
+        reject = frame.headers.get("requeue") == "false"
+        dead_lettered = self.totals["dead_lettered"]
         for sub, msg in self.acked_messages(client, frame):
-            queues.add(self.requeue(sub, msg))
+            queues.add(self.requeue(sub, msg, reject))
             self.make_ready(sub, dispatch=False)
         for queue in queues:
             self.dispatch(queue)
+        if "receipt" in frame.headers and self.totals["dead_lettered"] > dead_lettered:
+            self.hold_until_synced(client)       # the move to the DLQ is synced first
         self.receipt(client, frame)
 
     def acked_messages(self, client, frame):
@@ -1717,7 +1817,7 @@ class Broker:
                     self.held += len(tail)
                 rests[version] = rest
             head = encode_message_head(sub.id, msg_id, version == "1.2" and
-                                       sub.ack_mode != "auto", False, version)
+                                       sub.ack_mode != "auto", 0, version)
             self.totals["delivered"] += 1
             if shared is None:
                 frame = head + rest
@@ -1750,27 +1850,31 @@ class Broker:
         queue.heap_bytes += msg.size
 
     def next_message(self, queue):
-        """Pop the queue's next message, reading the next batch from the store when needed."""
-        heap = queue.heap
-        if not heap and queue.backlog_on_disk:
-            if not self.store.healthy:
+        """Pop the queue's next unexpired message, reading the next batch from the store when
+        needed. Expired ones met on the way are dropped or dead-lettered."""
+        while True:
+            heap = queue.heap
+            if not heap and queue.backlog_on_disk:
+                if not self.store.healthy:
+                    return None
+                try:
+                    msgs = self.store.fetch(queue.name, queue.cursor, self.FETCH_BATCH)
+                except self.store.StorageError as e:
+                    log.error("storage failed reading queue %s: %s", queue.name, e)
+                    return None
+                if msgs:
+                    heap = queue.heap = [(msg.rank, msg.id, msg) for msg in msgs]  # a heap
+                    queue.heap_bytes = sum(msg.size for msg in msgs)
+                    queue.cursor = heap[-1][:2]
+                if len(msgs) < self.FETCH_BATCH:
+                    queue.backlog_on_disk = False
+            if not heap:
                 return None
-            try:
-                msgs = self.store.fetch(queue.name, queue.cursor, self.FETCH_BATCH)
-            except self.store.StorageError as e:
-                log.error("storage failed reading queue %s: %s", queue.name, e)
-                return None
-            if msgs:
-                heap = queue.heap = [(msg.rank, msg.id, msg) for msg in msgs]  # sorted: a heap
-                queue.heap_bytes = sum(msg.size for msg in msgs)
-                queue.cursor = heap[-1][:2]
-            if len(msgs) < self.FETCH_BATCH:
-                queue.backlog_on_disk = False
-        if not heap:
-            return None
-        msg = heapq.heappop(heap)[2]
-        queue.heap_bytes -= msg.size
-        return msg
+            msg = heapq.heappop(heap)[2]
+            queue.heap_bytes -= msg.size
+            if msg.expires is None or not msg.expired(self.wall_clock()):
+                return msg
+            self.expire(msg)
 
     def dispatch(self, queue):
         """Hand the queue's messages to its ready subscriptions, round-robin."""
@@ -1803,12 +1907,13 @@ class Broker:
             sub.unacked = {}
         sub.unacked[msg_id] = msg
         sub.target.in_flight += 1
+        msg.deliveries += 1
         self.totals["delivered"] += 1
         if sub.ack_mode != "auto":
             client.deliveries[msg_id] = sub
         version = client.version
         head = encode_message_head(sub.id, msg_id, version == "1.2" and sub.ack_mode != "auto",
-                                   msg.redelivered, version) + encode_message_tail(
+                                   msg.deliveries, version) + encode_message_tail(
             "/queue/" + msg.queue, msg.headers, len(msg.body), version)
         if msg.size < self.SHARE_FROM:
             frame = head + msg.body + FRAME_END
@@ -1826,14 +1931,46 @@ class Broker:
                 msg.timer.cancel()
             msg.timer = self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id)
 
-    def requeue(self, sub, msg):
-        """Put a delivered message back in its queue, marked redelivered; returns the queue."""
-        msg.redelivered = True
-        self.totals["redelivered"] += 1
+    def requeue(self, sub, msg, reject=False):
+        """Put a delivered message back in its queue, or, if it is rejected or was delivered
+        as often as it may be, in its dead-letter queue; returns the queue it came from."""
         queue = sub.target
+        limit = self.max_deliveries_of(msg)
+        if reject or (limit and msg.deliveries >= limit):
+            self.dead_letter(msg, "rejected" if reject else "max-deliveries")
+            return queue
+        self.totals["redelivered"] += 1
+        self.store.returned(msg)
         if queue.subscribers:
             self.offer(queue, msg)
         return queue
+
+    def max_deliveries_of(self, msg):
+        for name, value in msg.headers:
+            if name == "max-deliveries":
+                return int(value)
+        return self.max_deliveries
+
+    def dead_letter(self, msg, reason):
+        """Move a message to the dead-letter queue of its queue, durably, keeping its id,
+        headers and body, and saying where it comes from and why."""
+        self.totals["dead_lettered"] += 1
+        msg.headers = [("original-destination", "/queue/" + msg.queue),
+                       ("dead-letter-reason", reason)] + [
+            (k, v) for k, v in msg.headers if k not in ("original-destination", "dead-letter-reason")]
+        self.store.move(msg, "DLQ." + msg.queue)
+        queue = self.queues.get(msg.queue)
+        if queue is not None:
+            self.offer(queue, msg)
+            self.dispatch(queue)
+
+    def expire(self, msg):
+        """A message is past its `expires`: drop it, or dead-letter it if it asked for that."""
+        self.totals["expired"] += 1
+        if any(k == "max-deliveries" or (k, v) == ("dead-letter", "true") for k, v in msg.headers):
+            self.dead_letter(msg, "expired")
+        else:
+            self.store.ack(msg)
 
     def ack_timeout_passed(self, sub, msg_id):
         """Take the message back and give it to another ready subscriber if there is one.
@@ -1941,8 +2078,54 @@ class Broker:
             client.timers = [t for t in client.timers if not t.cancelled and not t.fired]
 
     def periodic_flush(self):
+        self.purge_expired()
         self.flush()
         self.call_later(self.flush_period, self.periodic_flush)
+
+    def watch_due(self, ready_at):
+        """Have take_due run when the first delayed message is due (at `ready_at` or before)."""
+        if ready_at is not None and (self.due_at is None or ready_at < self.due_at):
+            if self.due_timer is not None:
+                self.due_timer.cancel()
+            self.due_at = ready_at
+            self.due_timer = self.call_later(max(0.0, ready_at - self.wall_clock()),
+                                             self.take_due)
+
+    def take_due(self):
+        """Delayed messages whose time has come join their queues by priority and age: an
+        active queue's window takes those that sort before its cursor, the disk the others."""
+        self.due_at = self.due_timer = None
+        now = self.wall_clock()
+        try:
+            msgs = self.store.take_due(now, self.FETCH_BATCH)
+            self.watch_due(now if len(msgs) == self.FETCH_BATCH else self.store.next_due())
+        except self.store.StorageError:
+            self.watch_due(now + self.flush_period)     # after the flush that retries storage
+            return
+        queues = set()
+        for msg in msgs:
+            queue = self.queues.get(msg.queue)
+            if queue is not None:
+                self.offer(queue, msg)
+                queues.add(queue)
+        for queue in queues:
+            self.dispatch(queue)
+
+    def purge_expired(self):
+        """Drop or dead-letter expired messages on disk, a batch per turn. Those in an active
+        queue's window (sorting at or before its cursor) are left to next_message."""
+        try:
+            msgs = self.store.take_expired(self.wall_clock(), self.FETCH_BATCH)
+        except self.store.StorageError:
+            return
+        expired = 0
+        for msg in msgs:
+            queue = self.queues.get(msg.queue)
+            if queue is None or msg.ready_at is not None or (msg.rank, msg.id) > queue.cursor:
+                self.expire(msg)
+                expired += 1
+        if expired and len(msgs) == self.FETCH_BATCH:
+            self.call_later(0, self.purge_expired)
 
     def flush(self):
         """Write the cache; while storage is unavailable this is the one retry per period."""
@@ -2000,7 +2183,12 @@ class Broker:
         return "\n".join(lines) + "\n"
 
     def shutdown(self):
-        """Flush the cache and close the store (SIGINT/SIGTERM)."""
+        """Flush the cache and close the store (SIGINT/SIGTERM); messages delivered and not
+        ACKed are written with their delivery counts."""
+        for client in self.clients:
+            for sub in client.subscriptions.values():
+                for msg in (sub.unacked or {}).values() if sub.kind == QUEUE else ():
+                    self.store.returned(msg)
         self.store.close()
 
 
@@ -2456,6 +2644,8 @@ Usage: python3 ocamlmq.py [options] [sqlite3 database (default: ocamlmq.db)]
   -tls-port PORT          also serve STOMP over TLS on this port
   -tls-cert FILE          certificate chain (PEM) for TLS; with it the WebSocket port is wss
   -tls-key FILE           private key (PEM) for TLS (default: in the -tls-cert file)
+  -max-deliveries N       deliveries after which a queue message goes to its dead-letter
+                          queue, unless its SEND says otherwise (default: 0, unlimited)
   -debug                  debug logging to stderr
   -help, --help           show this help"""
 
@@ -2464,25 +2654,20 @@ class UsageError(Exception):
     pass
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise ValueError
-    return value
+def checked(convert, valid):
+    """A flag's conversion: `convert`, then ValueError unless `valid` holds."""
+    def check(text):
+        value = convert(text)
+        if not valid(value):
+            raise ValueError
+        return value
+    return check
 
 
-def positive_float(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError
-    return value
-
-
-def port_number(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError
-    return value
+positive_int = checked(int, lambda value: value > 0)
+natural_int = checked(int, lambda value: value >= 0)
+positive_float = checked(float, lambda value: math.isfinite(value) and value > 0)
+port_number = checked(int, lambda value: 0 <= value <= 65535)
 
 
 OPTIONS = {  # flag -> (setting, conversion); None means a flag without a value
@@ -2495,8 +2680,11 @@ OPTIONS = {  # flag -> (setting, conversion); None means a flag without a value
     "pg": ("pg", str), "debug": ("debug", None), "ws-port": ("ws_port", port_number),
     "ws-origin": ("ws_origins", str), "tls-port": ("tls_port", port_number),
     "tls-cert": ("tls_cert", str), "tls-key": ("tls_key", str),
+    "max-deliveries": ("max_deliveries", natural_int),
 }
 REPEATABLE = {"ws_origins"}
+BROKER_SETTINGS = ("login", "passcode", "max_prefetch", "max_pending", "maxmsgs", "flush_period",
+                   "max_frame_size", "max_memory", "max_deliveries")
 
 
 def parse_args(argv):
@@ -2505,7 +2693,7 @@ def parse_args(argv):
                 "max_frame_size": 16 * 1024 * 1024, "max_pending": 64 * 1024 * 1024,
                 "max_memory": 1 << 30, "pg": None, "debug": False, "database": "ocamlmq.db",
                 "ws_port": None, "ws_origins": None, "tls_port": None, "tls_cert": None,
-                "tls_key": None}
+                "tls_key": None, "max_deliveries": 0}
     positional = []
     args = list(argv)
     while args:
@@ -2604,12 +2792,7 @@ def main(argv):
     try:
         backend, storage_error = open_backend(settings)
         reactor.broker = Broker(MessageStore(backend, storage_error), reactor.call_later,
-                                login=settings["login"], passcode=settings["passcode"],
-                                max_prefetch=settings["max_prefetch"],
-                                max_pending=settings["max_pending"],
-                                maxmsgs=settings["maxmsgs"], flush_period=settings["flush_period"],
-                                max_frame_size=settings["max_frame_size"],
-                                max_memory=settings["max_memory"])
+                                **{name: settings[name] for name in BROKER_SETTINGS})
     except ImportError as e:
         print(f"ocamlmq.py: -pg needs psycopg2 ({e})", file=sys.stderr)
         return 1

@@ -12,7 +12,8 @@ flush costs a few round trips however many rows it holds.
 
 Delivery order is `rank` (minus the priority), then `id`; the index on (queue, rank, id) makes
 "the next N messages of queue Q after key K" one index range scan through the row comparison
-`(rank, id) > (K)`.
+`(rank, id) > (K)`. Delayed messages wait under a queue name of their own, and partial indexes
+find the rows whose `ready_at` or `expires` is past, as in the sqlite backend.
 
 Outages: when the connection is lost, the failing call raises StorageError and the backend drops
 the connection; the next call tries once to reconnect (connect_timeout 2 s unless the conninfo sets
@@ -41,16 +42,21 @@ CREATE TABLE IF NOT EXISTS messages (
     ack_timeout double precision,       -- seconds, or NULL to wait for the ACK as long as needed
     headers     text NOT NULL,          -- the client's own SEND headers, as JSON [[name, value], ...]
     body        bytea NOT NULL,
-    deliveries  integer NOT NULL DEFAULT 0,  -- room to grow: poison-message handling
-    expires     double precision        -- room to grow: message expiry (unix time)
+    deliveries  integer NOT NULL DEFAULT 0,  -- how often it was delivered, as last written
+    expires     double precision,       -- Unix time after which it is never delivered, or NULL
+    ready_at    double precision        -- a delayed message: Unix time it becomes ready, or NULL
 );
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS ready_at double precision;
 CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, rank, id);
+CREATE INDEX IF NOT EXISTS messages_ready_at ON messages (ready_at) WHERE ready_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_expires ON messages (expires) WHERE expires IS NOT NULL;
 """
 
-INSERT = ("INSERT INTO messages (id, queue, rank, ack_timeout, headers, body) VALUES %s"
-          " ON CONFLICT (id) DO UPDATE SET queue = EXCLUDED.queue, rank = EXCLUDED.rank,"
-          " ack_timeout = EXCLUDED.ack_timeout, headers = EXCLUDED.headers, body = EXCLUDED.body")
-FETCH = ("SELECT id, rank, ack_timeout, headers, body FROM messages"
+COLUMNS = ("id", "queue", "rank", "ack_timeout", "headers", "body", "deliveries", "expires",
+           "ready_at")
+INSERT = (f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES %s ON CONFLICT (id) DO UPDATE SET "
+          + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:]))
+FETCH = (f"SELECT {', '.join(COLUMNS)} FROM messages"
          " WHERE queue = %s AND (rank, id) > (%s, %s) ORDER BY rank, id LIMIT %s")
 
 INSERT_BATCH_ROWS = 1000            # rows per INSERT statement
@@ -107,8 +113,8 @@ class PgBackend:
         return self._scalar("SELECT coalesce(max(id), 0) FROM messages")
 
     def insert(self, rows):
-        """Store rows (id, queue, rank, ack_timeout, headers_json, body) in the open transaction;
-        a row whose id is stored already replaces it."""
+        """Store rows (as COLUMNS; headers as JSON) in the open transaction; a row whose id is
+        stored already replaces it."""
         latest = {}     # one row per id: ON CONFLICT DO UPDATE must not meet an id twice
         for row in rows:
             latest[row[0]] = row
@@ -149,20 +155,28 @@ class PgBackend:
         self._run(commit)
 
     def fetch(self, queue, after, limit):
-        """Up to `limit` rows (id, rank, ack_timeout, headers_json, body) of `queue` whose
-        (rank, id) key is greater than `after`, in key order; sees the open transaction."""
+        """Up to `limit` rows of `queue` whose (rank, id) key is greater than `after`, in key
+        order; sees the open transaction."""
         rank, msg_id = after
+        return self._rows(FETCH, (queue, _bigint(rank), _bigint(msg_id), limit))
 
-        def fetch_rows(cur):
-            cur.execute(FETCH, (queue, _bigint(rank), _bigint(msg_id), limit))
-            return [(i, r, a, h, bytes(b)) for i, r, a, h, b in cur.fetchall()]
-        return self._run(fetch_rows)
+    def due(self, column, now, limit):
+        """Up to `limit` rows whose `column` (ready_at or expires) is at or before `now`, the
+        earliest first."""
+        return self._rows(f"SELECT {', '.join(COLUMNS)} FROM messages WHERE {column} <= %s"
+                          f" ORDER BY {column} LIMIT %s", (now, limit))
 
-    def count(self, queue=None):
-        """How many rows `queue` has (every queue: None)."""
-        if queue is None:
+    def next_due(self):
+        """The earliest `ready_at`, or None."""
+        return self._scalar("SELECT min(ready_at) FROM messages WHERE ready_at IS NOT NULL")
+
+    def count(self, queues=None, now=None):
+        """How many unexpired rows these queues have (every row of every queue: None)."""
+        if queues is None:
             return self._scalar("SELECT count(*) FROM messages", ())
-        return self._scalar("SELECT count(*) FROM messages WHERE queue = %s", (queue,))
+        return self._scalar("SELECT (SELECT count(*) FROM messages WHERE queue = ANY(%s))"
+                            " - (SELECT count(*) FROM messages WHERE expires <= %s"
+                            " AND queue = ANY(%s))", (list(queues), now, list(queues)))
 
     def close(self):
         """Commit what is pending and disconnect; a broken backend just forgets its state."""
@@ -178,6 +192,12 @@ class PgBackend:
             raise StorageError(f"closing the PostgreSQL connection: {_one_line(e)}") from None
         finally:
             conn.close()
+
+    def _rows(self, sql, params):
+        def run(cur):
+            cur.execute(sql, params)
+            return [row[:5] + (bytes(row[5]),) + row[6:] for row in cur.fetchall()]
+        return self._run(run)
 
     def _scalar(self, sql, params=()):
         def run(cur):
@@ -216,8 +236,7 @@ class PgBackend:
 
     def _create_schema(self):
         with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('messages') IS NOT NULL"
-                        " AND to_regclass('messages_by_queue') IS NOT NULL")
+            cur.execute("SELECT to_regclass('messages_expires') IS NOT NULL")
             if not cur.fetchone()[0]:
                 # Serialise with other brokers creating the schema at the same moment.
                 cur.execute("BEGIN")

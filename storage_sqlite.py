@@ -9,7 +9,10 @@ only has to store rows, delete rows, find the next rows of a queue, and make all
 Rows are ordered for delivery by `rank` (minus the priority, so that the highest priority comes
 first in ascending order), then by `id` (the broker hands out increasing ids, so older comes first).
 The index on (queue, rank), which sqlite extends with the rowid `id`, makes "the next N messages of
-queue Q after key K" one index range scan, however many queues and messages the table holds.
+queue Q after key K" one index range scan, however many queues and messages the table holds. A
+delayed message is stored under a queue name of its own until its `ready_at` (see Message.row),
+so that scan never meets it; two partial indexes find the rows whose `ready_at` or `expires` is
+past without reading the others.
 """
 
 import fcntl
@@ -24,24 +27,32 @@ CREATE TABLE IF NOT EXISTS messages (
     ack_timeout REAL,                   -- seconds, or NULL to wait for the ACK as long as needed
     headers     TEXT NOT NULL,          -- the client's own SEND headers, as JSON [[name, value], ...]
     body        BLOB NOT NULL,
-    deliveries  INTEGER NOT NULL DEFAULT 0,  -- room to grow: poison-message handling
-    expires     REAL                    -- room to grow: message expiry (unix time)
+    deliveries  INTEGER NOT NULL DEFAULT 0,  -- how often it was delivered, as last written
+    expires     REAL,                   -- Unix time after which it is never delivered, or NULL
+    ready_at    REAL                    -- a delayed message: Unix time it becomes ready, or NULL
 );
+"""
+MIGRATION = "ALTER TABLE messages ADD COLUMN ready_at REAL"    # databases made before delays
+INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, rank);
+CREATE INDEX IF NOT EXISTS messages_ready_at ON messages (ready_at) WHERE ready_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_expires ON messages (expires) WHERE expires IS NOT NULL;
 """
 
 BUSY_TIMEOUT_MS = 100                # the longest wait for a lock held by another process: the
                                     # reactor waits with it (5 s at start, when nothing waits)
-INSERT_ROWS = 100                   # rows per INSERT: 600 parameters, under sqlite's old 999
-FETCH = ("SELECT id, rank, ack_timeout, headers, body FROM messages"
+INSERT_ROWS = 100                   # rows per INSERT: 900 parameters, under sqlite's old 999
+COLUMNS = "id, queue, rank, ack_timeout, headers, body, deliveries, expires, ready_at"
+FETCH = (f"SELECT {COLUMNS} FROM messages"
          " WHERE queue = ? AND (rank, id) > (?, ?) ORDER BY rank, id LIMIT ?")
 
 
 @functools.lru_cache(maxsize=None)
 def insert_statement(count):
-    """INSERT OR REPLACE of `count` rows (a row is written again after a failed commit)."""
-    return ("INSERT OR REPLACE INTO messages (id, queue, rank, ack_timeout, headers, body) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * count))
+    """INSERT OR REPLACE of `count` rows (a row is written again after a failed commit or with
+    a new delivery count, queue or `ready_at`)."""
+    return (f"INSERT OR REPLACE INTO messages ({COLUMNS}) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
 
 
 class StorageError(Exception):
@@ -58,6 +69,9 @@ class SqliteBackend:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            if "ready_at" not in [c[1] for c in self.db.execute("PRAGMA table_info(messages)")]:
+                self.db.execute(MIGRATION)
+            self.db.executescript(INDEXES)
             self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self.db.execute("BEGIN")
         except sqlite3.Error as e:
@@ -87,7 +101,7 @@ class SqliteBackend:
         return self._run(lambda: self.db.execute("SELECT max(id) FROM messages").fetchone()[0] or 0)
 
     def insert(self, rows):
-        """Store rows (id, queue, rank, ack_timeout, headers_json, body) in the open transaction.
+        """Store rows (as COLUMNS; headers as JSON) in the open transaction.
         A statement takes many rows at once: fewer trips into sqlite than one per row."""
         def insert_all():
             for start in range(0, len(rows), INSERT_ROWS):
@@ -108,18 +122,33 @@ class SqliteBackend:
         self._run(commit_and_begin)
 
     def fetch(self, queue, after, limit):
-        """Up to `limit` rows (id, rank, ack_timeout, headers_json, body) of `queue` whose
-        (rank, id) key is greater than `after`, in key order."""
+        """Up to `limit` rows of `queue` whose (rank, id) key is greater than `after`, in key
+        order."""
         rank, msg_id = after
         return self._run(lambda: self.db.execute(FETCH, (queue, rank, msg_id, limit)).fetchall())
 
-    def count(self, queue=None):
-        """How many rows `queue` has (every queue: None)."""
-        if queue is None:
+    def due(self, column, now, limit):
+        """Up to `limit` rows whose `column` (ready_at or expires) is at or before `now`, the
+        earliest first."""
+        return self._run(lambda: self.db.execute(
+            f"SELECT {COLUMNS} FROM messages WHERE {column} <= ? ORDER BY {column} LIMIT ?",
+            (now, limit)).fetchall())
+
+    def next_due(self):
+        """The earliest `ready_at`, or None."""
+        return self._run(lambda: self.db.execute(
+            "SELECT min(ready_at) FROM messages WHERE ready_at IS NOT NULL").fetchone()[0])
+
+    def count(self, queues=None, now=None):
+        """How many unexpired rows these queues have (every row of every queue: None)."""
+        if queues is None:
             return self._run(lambda: self.db.execute(
                 "SELECT count(*) FROM messages").fetchone()[0])
+        names = ", ".join("?" * len(queues))
         return self._run(lambda: self.db.execute(
-            "SELECT count(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0])
+            f"SELECT (SELECT count(*) FROM messages WHERE queue IN ({names})) - (SELECT count(*)"
+            f" FROM messages INDEXED BY messages_expires WHERE expires <= ? AND queue IN"
+            f" ({names}))", (*queues, now, *queues)).fetchone()[0])
 
     def close(self):
         try:

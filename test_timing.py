@@ -53,6 +53,7 @@ class Harness:
         self.db = str(tmp_path / "broker.db")
         store = ocamlmq.MessageStore(storage_sqlite.SqliteBackend(self.db),
                                      storage_sqlite.StorageError)
+        settings.setdefault("wall_clock", self.timers.clock)
         self.broker = ocamlmq.Broker(store, self.timers.call_later, clock=self.timers.clock,
                                      **settings)
 
