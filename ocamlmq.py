@@ -622,9 +622,6 @@ class Message:
         return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body), size, deliveries,
                    expires, ready_at)
 
-    def expired(self, now):
-        return self.expires is not None and self.expires <= now
-
 
 DELAYED = "\x1f"      # the prefix of a delayed message's stored queue name (a client's queue
                       # name cannot hold a control character)
@@ -647,31 +644,31 @@ class MessageStore:
     """Where queue messages live until ACKed: an in-memory cache in front of a disk backend.
 
     The broker calls:
-      save(msg, durable)  store a new message: into this turn's batch if `durable` (its SEND
-                          asked for a receipt), else into the cache.
+      save(msg, durable)  a new message: into this turn's batch if `durable` (a RECEIPT waits),
+                          else into the cache.
       ack(msg)            the message is done: drop it from memory, or delete its row.
-      returned(msg)       the message is back from a delivery: its row is to get its count.
-      move(msg, queue)    the message goes to another queue (dead-lettered), synced this turn.
+      returned(msg)       back from a delivery: its row is written again, with its count.
+      move(msg, queue)    to another queue (dead-lettered), synced like the batch.
       want_sync()         a RECEIPT of this turn promises something durable (an ACK's delete).
-      commit()            end of a reactor turn: insert the batch and apply the deletes, synced to
-                          disk in one transaction; nothing at all when no receipt waits.
+      commit()            end of a reactor turn: insert the batch and apply the deletes, synced
+                          in one transaction; nothing at all when no receipt waits.
       flush()             write the cache too (every -flush-period, or when over -maxmsgs).
-      fetch(queue, after, limit)  the next messages of a queue after the key `after`, in order;
-                          that queue's unsaved messages are inserted into the open transaction
-                          first (no sync), so that the read finds them in their place (so does
-                          count).
+      fetch(queue, after, limit)  the queue's next messages after the key `after`, in order.
+      count(queue, now)   its messages, delayed ones too, not expired ones.
       take_due(now, limit), take_expired(now, limit)  delayed messages whose time has come
-                          (now ready, in their queues), and expired messages not in memory.
-      count(queue, now), next_due(), max_id(), over(...), close().
+                          (made ready), and expired ones that are not in memory.
+      next_due(), max_id(), over(...), close().
+    Reads see everything: the queue's unsaved messages are inserted into the open transaction
+    first (no sync), and the pending deletes applied.
 
     A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows (see
-    Message.row): max_id(), insert(rows), delete(ids), commit(), fetch(queue, after, limit),
-    due(column, now, limit) (rows whose `expires` or `ready_at` is past), next_due() (the first
-    `ready_at`), count(queues, now), close(); insert (which replaces a row of the same id) and
-    delete join an open transaction that commit() makes durable, and the reads see it.
-    Any failure raises the backend's StorageError and loses that open
-      transaction; the store then keeps in memory everything not committed (RECACHED), reports
-      `healthy = False`, and touches the database again only at the next flush.
+    Message.row): max_id(), insert(rows) (replacing rows of the same ids), delete(ids),
+    commit(), fetch(queue, after, limit), due(column, now, limit) (rows whose `expires` or
+    `ready_at` is past), next_due() (the first `ready_at`), count(queues, now), close(). Writes
+    join an open transaction that commit() makes durable, and reads see it. A failure raises
+    the backend's StorageError and loses that transaction; the store then keeps in memory all
+    that was not committed (RECACHED), says `healthy = False`, and tries the database again
+    only at the next flush.
     """
 
     INSERT_CHUNK = 1000           # rows made and inserted at once: a failing try costs one chunk
@@ -759,11 +756,9 @@ class MessageStore:
     def take_due(self, now, limit):
         """Up to `limit` delayed messages whose time has come, made ready: written again, into
         the open transaction, under their queue's name (or kept in memory if that fails)."""
-        msgs = [Message.from_row(row)
-                for row in self._read(None, self.backend.due, "ready_at", now, limit)]
+        msgs = self._due("ready_at", now, limit)
         for msg in msgs:
-            msg.ready_at = None
-            msg.state = RECACHED
+            msg.ready_at, msg.state = None, RECACHED
             self._keep_unsaved(msg)
         try:
             self._insert(msgs)
@@ -773,9 +768,12 @@ class MessageStore:
 
     def take_expired(self, now, limit):
         """Up to `limit` expired messages on disk that are not also in the cache."""
-        msgs = [Message.from_row(row)
-                for row in self._read(None, self.backend.due, "expires", now, limit)]
-        return [msg for msg in msgs if msg.id not in self.unsaved.get(msg.queue, ())]
+        return [msg for msg in self._due("expires", now, limit)
+                if msg.id not in self.unsaved.get(msg.queue, ())]
+
+    def _due(self, column, now, limit):
+        return [Message.from_row(row)
+                for row in self._read(None, self.backend.due, column, now, limit)]
 
     def next_due(self):
         return self._read(None, self.backend.next_due)
@@ -891,12 +889,9 @@ class Client:
     `frames_queued` frames ever queued are fully written."""
     __slots__ = ("session", "peer", "parser", "version", "connected", "closing", "outbox",
                  "head_sent", "unsent", "shared_frames", "frames_queued", "frames_sent",
-                 "after_write",
-                 "subscriptions", "deliveries", "transactions", "transaction_bytes",
-                 "input_held", "transport_held", "reading_paused", "held_frame",
-                 "watching_stall",
-                 "output_full", "last_input", "last_output", "timers", "framing",
-                 "__weakref__")
+                 "after_write", "subscriptions", "deliveries", "transactions", "transaction_bytes",
+                 "input_held", "transport_held", "reading_paused", "held_frame", "watching_stall",
+                 "output_full", "last_input", "last_output", "timers", "framing", "__weakref__")
 
     def __init__(self, session, peer, parser):
         self.session = session
@@ -1079,14 +1074,17 @@ class Queue:
 
 
 HEART_BEAT_FRAME = (b"\n",)
+LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})   # a Prometheus label value
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 HEART_BEAT = re.compile(r" *([0-9]{1,9}) *, *([0-9]{1,9}) *")   # milliseconds, up to ~11 days
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20}")
 
 
-def parse_int(value, what, limit=2 ** 63 - 1):
-    """A decimal integer header; beyond +-limit (priorities are stored as 64-bit) is an error."""
-    if not re.fullmatch(r"-?[0-9]{1,400}", value) or abs(int(value)) > limit:
+def parse_int(value, what, limit=2 ** 63 - 1, low=None):
+    """A decimal integer header; beyond +-limit (priorities are stored as 64-bit), or below
+    `low`, is an error."""
+    if not re.fullmatch(r"-?[0-9]{1,400}", value) or not (
+            -limit if low is None else low) <= int(value) <= limit:
         raise ClientError(f"invalid {what} {value[:40]!r}")
     return int(value)
 
@@ -1106,22 +1104,20 @@ class Broker:
                                   # topic's body and headers are shared by every outbox); a
                                   # smaller one costs less to copy than to keep apart
 
-    def __init__(self, store, call_later, clock=time.monotonic, login=None, passcode=None,
-                 max_prefetch=100, max_pending=64 * 1024 * 1024, maxmsgs=100000,
-                 flush_period=1.0, max_frame_size=16 * 1024 * 1024, max_memory=1 << 30,
-                 max_deliveries=0, wall_clock=time.time):
+    SETTINGS = {"login": None, "passcode": None, "max_prefetch": 100,   # the command line's
+                "max_pending": 64 * 1024 * 1024, "maxmsgs": 100000, "flush_period": 1.0,
+                "max_frame_size": 16 * 1024 * 1024, "max_memory": 1 << 30, "max_deliveries": 0}
+
+    def __init__(self, store, call_later, clock=time.monotonic, wall_clock=time.time,
+                 **settings):
         self.store = store
         self.call_later = call_later
         self.clock = clock
         self.wall_clock = wall_clock  # Unix time, for `expires` and delays
-        self.login = login
-        self.passcode = passcode
-        self.max_prefetch = max_prefetch
-        self.max_pending = max_pending
-        self.maxmsgs = maxmsgs
-        self.max_frame_size = max_frame_size
-        self.max_memory = max_memory
-        self.max_deliveries = max_deliveries
+        for name, default in self.SETTINGS.items():
+            setattr(self, name, settings.pop(name, default))
+        if settings:
+            raise TypeError(f"unknown broker settings {sorted(settings)}")
         self.queues = {}            # name -> Queue, for queues with subscribers
         self.topics = {}            # name -> ring of its subscriptions
         self.prefixes = {}          # prefix -> ring of its subscriptions
@@ -1136,8 +1132,7 @@ class Broker:
         self.producers_held = False  # storage backpressure: queue senders are not read
         self.totals = dict.fromkeys(("received", "delivered", "acked", "redelivered",
                                      "dead_lettered", "expired"), 0)   # for /metrics
-        self.flush_period = flush_period
-        call_later(flush_period, self.periodic_flush)
+        call_later(self.flush_period, self.periodic_flush)
         self.due_at = self.due_timer = None     # when the first delayed message is due
         self.watch_due(store.next_due())
 
@@ -1147,7 +1142,7 @@ class Broker:
         self.sessions += 1
         client = Client(f"session-{self.sessions}", peer, FrameParser(self.max_frame_size))
         client.last_input = client.last_output = self.clock()
-        client.timers.append(self.call_later(self.CONNECT_DEADLINE, self.connect_deadline, client))
+        self.client_timer(client, self.CONNECT_DEADLINE, self.connect_deadline)
         self.clients.add(client)
         return client
 
@@ -1371,8 +1366,7 @@ class Broker:
         client.input_held = held
         if held and not client.watching_stall and not client.reading_paused:
             client.watching_stall = True
-            client.timers.append(self.call_later(self.STALL_DEADLINE, self.check_stalled,
-                                                 client))
+            self.client_timer(client, self.STALL_DEADLINE, self.check_stalled)
         if self.held > self.max_memory:
             self.shed_load()
 
@@ -1477,11 +1471,10 @@ class Broker:
         send_every = max(cy, 100) if cy else 0
         expect_every = max(cx, 100) if cx else 0
         if send_every:
-            client.timers.append(self.call_later(send_every / 1000, self.beat, client,
-                                                 send_every / 1000))
+            self.client_timer(client, send_every / 1000, self.beat, send_every / 1000)
         if expect_every:
-            client.timers.append(self.call_later(2 * expect_every / 1000, self.check_alive,
-                                                 client, 2 * expect_every / 1000))
+            self.client_timer(client, 2 * expect_every / 1000, self.check_alive,
+                              2 * expect_every / 1000)
         return f"{send_every},{expect_every}"
 
     def parse_destination(self, destination):
@@ -1514,24 +1507,17 @@ class Broker:
             ack_timeout = float(ack_timeout) or None
         if kind != "queue":
             return kind, name, -priority, ack_timeout, None, None
-        now = self.wall_clock()
-        for header in self.MILLISECONDS + ("max-deliveries",):
-            if h.get(header) is not None and parse_int(h[header], header) < 0:
-                raise ClientError(f"invalid {header} {h[header][:40]!r}")
-        expires, ready_at = (self.header_time(h, absolute, relative, now)
-                             for absolute, relative in self.MILLISECONDS_PAIRS)
-        return kind, name, -priority, ack_timeout, expires, ready_at if ready_at > now else None
+        parse_int(h.get("max-deliveries", "0"), "max-deliveries", low=0)
+        now, times = self.wall_clock(), []   # Unix seconds, from headers in ms since the epoch
+        for absolute, relative in self.TIME_HEADERS:                        # or from now
+            at, after = parse_int(h.get(absolute, "0"), absolute, low=0), h.get(relative)
+            times.append(at / 1000 if at else None if after is None else
+                         now + parse_int(after, relative, low=0) / 1000)
+        expires, ready_at = times
+        return kind, name, -priority, ack_timeout, expires, (
+            ready_at if (ready_at or 0) > now else None)
 
-    MILLISECONDS_PAIRS = (("expires", "expiration"), ("deliver-at", "AMQ_SCHEDULED_DELAY"))
-    MILLISECONDS = sum(MILLISECONDS_PAIRS, ())
-
-    @staticmethod
-    def header_time(h, absolute, relative, now):
-        """A time in Unix seconds from a header in ms since the epoch (0: none), or else from
-        one in ms from now; 0 when neither is there."""
-        if h.get(absolute) is not None:
-            return int(h[absolute]) / 1000
-        return now + int(h[relative]) / 1000 if h.get(relative) is not None else 0
+    TIME_HEADERS = (("expires", "expiration"), ("deliver-at", "AMQ_SCHEDULED_DELAY"))
 
     PASSED_HEADERS_EXCLUDED = frozenset(("destination", "receipt", "transaction", "content-length",
                                          "message-id", "subscription", "ack", "redelivered",
@@ -1557,7 +1543,7 @@ class Broker:
             return self.control(client, frame, name)
         headers = [(k, v) for k, v in frame.headers.items() if self.passed_on(k)]
         msg = Message(self.next_id, name if kind == "queue" else None, rank, ack_timeout,
-                      headers, frame.body, frame.size, 0, expires or None, ready_at)
+                      headers, frame.body, frame.size, 0, expires, ready_at)
         self.next_id += 1
         self.totals["received"] += 1
         if kind == "topic":
@@ -1647,29 +1633,25 @@ class Broker:
         self.receipt(client, frame)
 
     def cmd_ack(self, client, frame):
-        subs = set()
-        for sub, msg in self.acked_messages(client, frame):
-            self.store.ack(msg)
-            self.totals["acked"] += 1
-            subs.add(sub)
-        for sub in subs:
-            self.make_ready(sub)
-        if "receipt" in frame.headers:
-            self.store.want_sync()
-            self.hold_until_synced(client)
-        self.receipt(client, frame)
-
-    def cmd_nack(self, client, frame):
+        """ACK: the messages are done. NACK: they go back to their queues, or to the DLQ
+        (requeue:false). A receipt waits for the sync of the deletes or of the moves."""
+        nack = frame.command == "NACK"
+        reject = nack and frame.headers.get("requeue") == "false"
+        moved = self.totals["dead_lettered"]
         queues = set()
-        reject = frame.headers.get("requeue") == "false"
-        dead_lettered = self.totals["dead_lettered"]
         for sub, msg in self.acked_messages(client, frame):
-            queues.add(self.requeue(sub, msg, reject))
+            if nack:
+                self.requeue(sub, msg, reject)
+            else:
+                self.store.ack(msg)
+                self.totals["acked"] += 1
             self.make_ready(sub, dispatch=False)
+            queues.add(sub.target)
         for queue in queues:
             self.dispatch(queue)
-        if "receipt" in frame.headers and self.totals["dead_lettered"] > dead_lettered:
-            self.hold_until_synced(client)       # the move to the DLQ is synced first
+        if "receipt" in frame.headers and (not nack or self.totals["dead_lettered"] > moved):
+            self.store.want_sync()
+            self.hold_until_synced(client)
         self.receipt(client, frame)
 
     def acked_messages(self, client, frame):
@@ -1771,10 +1753,10 @@ class Broker:
         self.receipt(client, frame)
         self.close(client)
 
-    TRANSACTIONAL = (cmd_send, cmd_ack, cmd_nack)
+    TRANSACTIONAL = (cmd_send, cmd_ack)
     COMMANDS = {"CONNECT": cmd_connect, "STOMP": cmd_connect, "SEND": cmd_send,
                 "SUBSCRIBE": cmd_subscribe, "UNSUBSCRIBE": cmd_unsubscribe, "ACK": cmd_ack,
-                "NACK": cmd_nack, "BEGIN": cmd_begin, "COMMIT": cmd_commit, "ABORT": cmd_abort,
+                "NACK": cmd_ack, "BEGIN": cmd_begin, "COMMIT": cmd_commit, "ABORT": cmd_abort,
                 "DISCONNECT": cmd_disconnect}
 
     # ---- topics --------------------------------------------------------------------------------
@@ -1872,7 +1854,7 @@ class Broker:
                 return None
             msg = heapq.heappop(heap)[2]
             queue.heap_bytes -= msg.size
-            if msg.expires is None or not msg.expired(self.wall_clock()):
+            if msg.expires is None or msg.expires > self.wall_clock():
                 return msg
             self.expire(msg)
 
@@ -1946,18 +1928,15 @@ class Broker:
         return queue
 
     def max_deliveries_of(self, msg):
-        for name, value in msg.headers:
-            if name == "max-deliveries":
-                return int(value)
-        return self.max_deliveries
+        return next((int(v) for k, v in msg.headers if k == "max-deliveries"), self.max_deliveries)
 
     def dead_letter(self, msg, reason):
         """Move a message to the dead-letter queue of its queue, durably, keeping its id,
         headers and body, and saying where it comes from and why."""
         self.totals["dead_lettered"] += 1
-        msg.headers = [("original-destination", "/queue/" + msg.queue),
-                       ("dead-letter-reason", reason)] + [
-            (k, v) for k, v in msg.headers if k not in ("original-destination", "dead-letter-reason")]
+        own = ("original-destination", "dead-letter-reason")
+        msg.headers = [(own[0], "/queue/" + msg.queue), (own[1], reason)] + [
+            (k, v) for k, v in msg.headers if k not in own]
         self.store.move(msg, "DLQ." + msg.queue)
         queue = self.queues.get(msg.queue)
         if queue is not None:
@@ -2039,9 +2018,8 @@ class Broker:
         if now - client.last_output >= interval * 0.9 and not client.outbox:
             self.send(client, HEART_BEAT_FRAME, 1)
             client.last_output = now
-        client.timers.append(self.call_later(
-            max(0.01, client.last_output + interval - now), self.beat, client, interval))
-        self.prune_timers(client)
+        self.client_timer(client, max(0.01, client.last_output + interval - now), self.beat,
+                          interval)
 
     def check_alive(self, client, grace):
         """Close a connection from which nothing arrived for `grace` seconds."""
@@ -2054,9 +2032,7 @@ class Broker:
             log.info("%s: no heart-beat for %gs, closing", client.session, grace)
             self.close(client)
             return
-        client.timers.append(self.call_later(client.last_input + grace - now, self.check_alive,
-                                             client, grace))
-        self.prune_timers(client)
+        self.client_timer(client, client.last_input + grace - now, self.check_alive, grace)
 
     def check_stalled(self, client):
         """Close a connection whose incomplete frame got no new byte for STALL_DEADLINE."""
@@ -2068,14 +2044,13 @@ class Broker:
             self.fail(client, f"incomplete frame: nothing arrived for {self.STALL_DEADLINE:g}s")
             return
         client.watching_stall = True
-        client.timers.append(self.call_later(self.STALL_DEADLINE - idle, self.check_stalled,
-                                             client))
-        self.prune_timers(client)
+        self.client_timer(client, self.STALL_DEADLINE - idle, self.check_stalled)
 
-    @staticmethod
-    def prune_timers(client):
+    def client_timer(self, client, delay, callback, *args):
+        """call_later(delay, callback, client, *args), cancelled if the client goes first."""
         if len(client.timers) > 8:
             client.timers = [t for t in client.timers if not t.cancelled and not t.fired]
+        client.timers.append(self.call_later(delay, callback, client, *args))
 
     def periodic_flush(self):
         self.purge_expired()
@@ -2102,14 +2077,11 @@ class Broker:
         except self.store.StorageError:
             self.watch_due(now + self.flush_period)     # after the flush that retries storage
             return
-        queues = set()
         for msg in msgs:
-            queue = self.queues.get(msg.queue)
-            if queue is not None:
-                self.offer(queue, msg)
-                queues.add(queue)
-        for queue in queues:
-            self.dispatch(queue)
+            if msg.queue in self.queues:
+                self.offer(self.queues[msg.queue], msg)
+        for name in {msg.queue for msg in msgs} & self.queues.keys():
+            self.dispatch(self.queues[name])
 
     def purge_expired(self):
         """Drop or dead-letter expired messages on disk, a batch per turn. Those in an active
@@ -2118,13 +2090,12 @@ class Broker:
             msgs = self.store.take_expired(self.wall_clock(), self.FETCH_BATCH)
         except self.store.StorageError:
             return
-        expired = 0
+        queues = self.queues
+        msgs = [msg for msg in msgs if msg.queue not in queues or msg.ready_at is not None
+                or (msg.rank, msg.id) > queues[msg.queue].cursor]
         for msg in msgs:
-            queue = self.queues.get(msg.queue)
-            if queue is None or msg.ready_at is not None or (msg.rank, msg.id) > queue.cursor:
-                self.expire(msg)
-                expired += 1
-        if expired and len(msgs) == self.FETCH_BATCH:
+            self.expire(msg)
+        if msgs and len(msgs) == self.FETCH_BATCH:
             self.call_later(0, self.purge_expired)
 
     def flush(self):
@@ -2151,35 +2122,25 @@ class Broker:
             self.hold_producers(full)
 
     def metrics(self):
-        """The broker's figures in Prometheus' text format (GET /metrics)."""
-        store = self.store
-        gauges = {
-            "connections": ("open connections", len(self.clients)),
-            "subscriptions": ("subscriptions", sum(len(c.subscriptions) for c in self.clients)),
-            "messages_stored": ("queue messages stored and not ACKed", store.stored),
-            "messages_cached": ("queue messages in memory, not yet on disk",
-                                store.unsaved_count + len(store.inserted)),
-            "messages_in_flight": ("queue messages delivered, not ACKed",
-                                   sum(q.in_flight for q in self.queues.values())),
-            "storage_healthy": ("1 while the database can be written", int(store.healthy))}
-        lines = []
-        for name, (text, value) in gauges.items():
-            lines += [f"# HELP ocamlmq_{name} {text}", f"# TYPE ocamlmq_{name} gauge",
-                      f"ocamlmq_{name} {value}"]
-        for name, text, value in (("ready", "messages in memory ready for delivery",
-                                   lambda q: len(q.heap or ())),
-                                  ("unacked", "messages delivered, not ACKed",
-                                   lambda q: q.in_flight),
-                                  ("consumers", "subscriptions", lambda q: q.subscribers)):
-            lines += [f"# HELP ocamlmq_queue_{name} per queue with subscribers: {text}",
-                      f"# TYPE ocamlmq_queue_{name} gauge"]
-            for queue in self.queues.values():
-                label = queue.name.replace("\\", "\\\\").replace('"', '\\"')
-                lines.append(f'ocamlmq_queue_{name}{{queue="{label}"}} {value(queue)}')
-        totals = {f"messages_{k}": v for k, v in self.totals.items()}
-        totals.update(storage_commits=store.commits, storage_commit_seconds=store.commit_seconds)
-        for name, value in totals.items():
-            lines += [f"# TYPE ocamlmq_{name}_total counter", f"ocamlmq_{name}_total {value}"]
+        """The broker's figures in Prometheus' text format (GET /metrics); the README lists them."""
+        store, queues = self.store, self.queues.values()
+        gauges = {"connections": len(self.clients),
+                  "subscriptions": sum(len(c.subscriptions) for c in self.clients),
+                  "messages_stored": store.stored,
+                  "messages_cached": store.unsaved_count + len(store.inserted),
+                  "messages_in_flight": sum(q.in_flight for q in queues),
+                  "storage_healthy": int(store.healthy)}
+        lines = [f"# TYPE ocamlmq_{k} gauge\nocamlmq_{k} {v}" for k, v in gauges.items()]
+        for name, value in (("ready", lambda q: len(q.heap or ())),
+                            ("unacked", lambda q: q.in_flight),
+                            ("consumers", lambda q: q.subscribers)):
+            lines.append(f"# TYPE ocamlmq_queue_{name} gauge")
+            lines += [f'ocamlmq_queue_{name}{{queue="{q.name.translate(LABEL_ESCAPES)}"}} '
+                      f'{value(q)}' for q in queues]
+        totals = {**{f"messages_{k}": v for k, v in self.totals.items()},
+                  "storage_commits": store.commits, "storage_commit_seconds": store.commit_seconds}
+        lines += [f"# TYPE ocamlmq_{k}_total counter\nocamlmq_{k}_total {v}"
+                  for k, v in totals.items()]
         return "\n".join(lines) + "\n"
 
     def shutdown(self):
@@ -2470,18 +2431,20 @@ class Reactor:
 
     def send_plain(self, client, sock):
         """Send what the kernel takes; None if the connection is gone."""
-        if not client.outbox:
-            return 0
+        sent = self.sock_send(client, sock, self.outbox_bytes(client)) if client.outbox else 0
+        if sent:
+            self.broker.output_written(client, sent)
+        return sent
+
+    def sock_send(self, client, sock, data):
+        """sock.send(data): how much the kernel took, or None if the connection is gone."""
         try:
-            sent = sock.send(self.outbox_bytes(client))
+            return sock.send(data)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
             self.close(client)
             return None
-        if sent:
-            self.broker.output_written(client, sent)
-        return sent
 
     def send_tls(self, client, conn):
         """Encrypt a chunk of the outbox once the last chunk's ciphertext is sent (so that
@@ -2498,15 +2461,9 @@ class Reactor:
             self.broker.output_written(client, len(plaintext))
         conn.ciphertext += tls.take_output()
         self.broker.transport_holds(client, len(conn.ciphertext))
-        if not conn.ciphertext:
-            return 0
-        try:
-            sent = conn.sock.send(conn.ciphertext)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError:
-            self.close(client)
-            return None
+        sent = self.sock_send(client, conn.sock, conn.ciphertext) if conn.ciphertext else 0
+        if not sent:
+            return sent
         del conn.ciphertext[:sent]
         self.broker.transport_holds(client, len(conn.ciphertext))
         return sent
@@ -2670,30 +2627,27 @@ positive_float = checked(float, lambda value: math.isfinite(value) and value > 0
 port_number = checked(int, lambda value: 0 <= value <= 65535)
 
 
-OPTIONS = {  # flag -> (setting, conversion); None means a flag without a value
-    "port": ("port", port_number), "address": ("address", str), "login": ("login", str),
-    "passcode": ("passcode", str), "maxmsgs": ("maxmsgs", positive_int),
-    "flush-period": ("flush_period", positive_float), "max-prefetch": ("max_prefetch",
-                                                                       positive_int),
-    "max-frame-size": ("max_frame_size", positive_int),
-    "max-pending": ("max_pending", positive_int), "max-memory": ("max_memory", positive_int),
-    "pg": ("pg", str), "debug": ("debug", None), "ws-port": ("ws_port", port_number),
-    "ws-origin": ("ws_origins", str), "tls-port": ("tls_port", port_number),
-    "tls-cert": ("tls_cert", str), "tls-key": ("tls_key", str),
-    "max-deliveries": ("max_deliveries", natural_int),
+OPTIONS = {  # flag -> (setting, conversion, default); no conversion: a flag without a value
+    "port": ("port", port_number, 61613), "address": ("address", str, "127.0.0.1"),
+    "login": ("login", str, None), "passcode": ("passcode", str, None),
+    "maxmsgs": ("maxmsgs", positive_int, 100000),
+    "flush-period": ("flush_period", positive_float, 1.0),
+    "max-prefetch": ("max_prefetch", positive_int, 100),
+    "max-frame-size": ("max_frame_size", positive_int, 16 * 1024 * 1024),
+    "max-pending": ("max_pending", positive_int, 64 * 1024 * 1024),
+    "max-memory": ("max_memory", positive_int, 1 << 30),
+    "max-deliveries": ("max_deliveries", natural_int, 0),
+    "pg": ("pg", str, None), "debug": ("debug", None, False),
+    "ws-port": ("ws_port", port_number, None), "ws-origin": ("ws_origins", str, None),
+    "tls-port": ("tls_port", port_number, None), "tls-cert": ("tls_cert", str, None),
+    "tls-key": ("tls_key", str, None),
 }
 REPEATABLE = {"ws_origins"}
-BROKER_SETTINGS = ("login", "passcode", "max_prefetch", "max_pending", "maxmsgs", "flush_period",
-                   "max_frame_size", "max_memory", "max_deliveries")
 
 
 def parse_args(argv):
-    settings = {"port": 61613, "address": "127.0.0.1", "login": None, "passcode": None,
-                "maxmsgs": 100000, "flush_period": 1.0, "max_prefetch": 100,
-                "max_frame_size": 16 * 1024 * 1024, "max_pending": 64 * 1024 * 1024,
-                "max_memory": 1 << 30, "pg": None, "debug": False, "database": "ocamlmq.db",
-                "ws_port": None, "ws_origins": None, "tls_port": None, "tls_cert": None,
-                "tls_key": None, "max_deliveries": 0}
+    settings = {setting: default for setting, _, default in OPTIONS.values()}
+    settings["database"] = "ocamlmq.db"
     positional = []
     args = list(argv)
     while args:
@@ -2705,7 +2659,7 @@ def parse_args(argv):
             name = arg.lstrip("-")
             if name not in OPTIONS:
                 raise UsageError(f"unknown option {arg}")
-            setting, convert = OPTIONS[name]
+            setting, convert, _ = OPTIONS[name]
             if convert is None:
                 settings[setting] = True
                 continue
@@ -2758,6 +2712,41 @@ def raise_open_file_limit():
             pass
 
 
+class StartupError(Exception):
+    """The broker cannot start; the message is one line for the operator."""
+
+
+def start(settings):
+    """The Reactor with its listeners and its Broker, from the settings; raises StartupError."""
+    tls_context = None
+    if settings["tls_cert"] is not None:
+        try:
+            tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls_context.options |= ssl.OP_NO_RENEGOTIATION
+            tls_context.load_cert_chain(settings["tls_cert"], settings["tls_key"])
+        except (OSError, ssl.SSLError) as e:
+            raise StartupError(f"cannot use the TLS certificate or key: {e.strerror or e}")
+    listeners = []
+    for kind in ("stomp", "ws", "tls"):
+        port = settings["port" if kind == "stomp" else f"{kind}_port"]
+        try:
+            if port is not None:
+                listeners.append((listen(settings["address"], port), kind))
+        except OSError as e:
+            raise StartupError(f"cannot listen on {settings['address']}:{port}: "
+                               f"{e.strerror or e}")
+    reactor = Reactor(listeners, tls_context=tls_context, ws_origins=settings["ws_origins"])
+    try:
+        backend, storage_error = open_backend(settings)
+        reactor.broker = Broker(MessageStore(backend, storage_error), reactor.call_later,
+                                **{name: settings[name] for name in Broker.SETTINGS})
+    except ImportError as e:
+        raise StartupError(f"-pg needs psycopg2 ({e})")
+    except Exception as e:          # the backend's StorageError: one line, no traceback
+        raise StartupError(str(e))
+    return reactor, storage_error
+
+
 def main(argv):
     try:
         settings = parse_args(argv)
@@ -2767,36 +2756,9 @@ def main(argv):
     logging.basicConfig(level=logging.DEBUG if settings["debug"] else logging.INFO,
                         format="%(asctime)s ocamlmq %(levelname)s %(message)s")
     raise_open_file_limit()
-    tls_context = None
-    if settings["tls_cert"] is not None:
-        try:
-            tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            tls_context.options |= ssl.OP_NO_RENEGOTIATION
-            tls_context.load_cert_chain(settings["tls_cert"], settings["tls_key"])
-        except (OSError, ssl.SSLError) as e:
-            print(f"ocamlmq.py: cannot use the TLS certificate or key: {e.strerror or e}",
-                  file=sys.stderr)
-            return 1
-    listeners = []
-    for kind in ("stomp", "ws", "tls"):
-        port = settings["port" if kind == "stomp" else f"{kind}_port"]
-        if port is None:
-            continue
-        try:
-            listeners.append((listen(settings["address"], port), kind))
-        except OSError as e:
-            print(f"ocamlmq.py: cannot listen on {settings['address']}:{port}: "
-                  f"{e.strerror or e}", file=sys.stderr)
-            return 1
-    reactor = Reactor(listeners, tls_context=tls_context, ws_origins=settings["ws_origins"])
     try:
-        backend, storage_error = open_backend(settings)
-        reactor.broker = Broker(MessageStore(backend, storage_error), reactor.call_later,
-                                **{name: settings[name] for name in BROKER_SETTINGS})
-    except ImportError as e:
-        print(f"ocamlmq.py: -pg needs psycopg2 ({e})", file=sys.stderr)
-        return 1
-    except Exception as e:          # the backend's StorageError: one line, no traceback
+        reactor, storage_error = start(settings)
+    except StartupError as e:
         print(f"ocamlmq.py: {e}", file=sys.stderr)
         return 1
     signal.set_wakeup_fd(reactor.wakeup_w.fileno(), warn_on_full_buffer=False)

@@ -61,7 +61,6 @@ FETCH = (f"SELECT {', '.join(COLUMNS)} FROM messages"
 
 INSERT_BATCH_ROWS = 1000            # rows per INSERT statement
 INSERT_BATCH_BYTES = 8 << 20        # and about this many bytes of headers and bodies
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class StorageError(Exception):
@@ -71,15 +70,6 @@ class StorageError(Exception):
 def _one_line(error):
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
-
-
-def _bigint(value):
-    """A key component as a bigint literal: -inf/+inf and out-of-range values are clamped."""
-    if value is None or value == float("-inf"):
-        return INT64_MIN
-    if value == float("inf"):
-        return INT64_MAX
-    return max(INT64_MIN, min(INT64_MAX, int(value)))
 
 
 class PgBackend:
@@ -102,11 +92,6 @@ class PgBackend:
         except psycopg2.Error as e:
             self._drop()
             raise StorageError(f"cannot connect to PostgreSQL: {_one_line(e)}") from None
-
-    @property
-    def broken(self):
-        """True between a lost connection and the next successful reconnection."""
-        return self.conn is None and not self.closed
 
     def max_id(self):
         """The highest message id stored, or 0."""
@@ -158,7 +143,7 @@ class PgBackend:
         """Up to `limit` rows of `queue` whose (rank, id) key is greater than `after`, in key
         order; sees the open transaction."""
         rank, msg_id = after
-        return self._rows(FETCH, (queue, _bigint(rank), _bigint(msg_id), limit))
+        return self._rows(FETCH, (queue, rank, msg_id, limit))
 
     def due(self, column, now, limit):
         """Up to `limit` rows whose `column` (ready_at or expires) is at or before `now`, the

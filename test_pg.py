@@ -114,8 +114,6 @@ def test_fetch_pages_after_a_key(backends):
     assert pages == everything
     # a key in the middle of one priority band
     assert ids(b.fetch("q", (0, 14), 3)) == [16, 19, 22]      # rank 0: ids 1, 4, 7, ...
-    # an infinite key, as a broker may use for "from the start"
-    assert b.fetch("q", (float("-inf"), 0), 1000) == everything
 
 
 def test_fetch_is_one_index_range_scan(backends):
@@ -265,7 +263,7 @@ def test_a_failed_statement_rolls_back_and_the_backend_goes_on(backends):
     b.insert([row(2)])
     with pytest.raises(storage_pg.StorageError):
         b.insert([(3, "q", 1 << 70, None, "[]", b"")])     # out of bigint range
-    assert not b.broken
+    assert b.conn is not None
     assert ids(b.fetch("q", FIRST, 10)) == [1]             # the open transaction is gone
     b.insert([row(2)])
     b.commit()
@@ -285,10 +283,10 @@ def test_outage_raises_storage_error_then_reconnects(cluster, backends):
             call()
         assert time.monotonic() - t0 < 3, "a call blocked while the server was down"
         assert "\n" not in str(err.value) and "PostgreSQL" in str(err.value)
-        assert b.broken
+        assert b.conn is None
     cluster.start()
     assert b.count(["q"], 0) == 1                 # the first call after the restart reconnects
-    assert not b.broken
+    assert b.conn is not None
     b.insert([row(2), row(3)])               # the caller redoes its uncommitted batch
     b.commit()
     assert ids(backends().fetch("q", FIRST, 10)) == [1, 2, 3]

@@ -198,13 +198,15 @@ def produce(broker, destination):
     p.receipt("p1")
 
 
-def check_message(frame, version, sub_id, destination, with_ack):
-    """The raw MESSAGE has exactly the header lines SPEC §5 lists, encoded for `version`."""
+def check_message(frame, version, sub_id, destination, with_ack, queue=False):
+    """The raw MESSAGE has exactly the header lines SPEC §5 lists (and §12's delivery-count
+    on a queue message), encoded for `version`."""
     command, lines, body = frame
     assert command == "MESSAGE" and body == BODY, frame
     custom = [f"x-note:{encoded(NOTE, version)}", f"{encoded(NAME, version, name=True)}:v"]
     expected = ["subscription", "message-id", "destination", "content-length"]
     expected += [l.split(":", 1)[0] for l in custom] + (["ack"] if with_ack else [])
+    expected += ["delivery-count"] if queue else []
     assert names(lines) == sorted(expected), f"{version}: {lines!r}"
     for line in custom:
         assert line in lines, f"{version}: no {line!r} in {lines!r}"
@@ -226,7 +228,9 @@ def test_queue_message_headers_are_encoded_for_the_subscribers_version(broker, q
     s.subscribe(f"/queue/{qname}", id="sub-1", ack=ack)
     produce(broker, f"/queue/{qname}")
     [frame] = raw_frames(s, 1)
-    check_message(frame, version, "sub-1", f"/queue/{qname}", version == "1.2" and ack != "auto")
+    check_message(frame, version, "sub-1", f"/queue/{qname}", version == "1.2" and ack != "auto",
+                  queue=True)
+    assert value(frame[1], "delivery-count") == "1"
 
 
 def test_topic_message_headers_are_encoded_for_each_subscribers_version(broker, qname):
@@ -259,7 +263,8 @@ def test_a_subscription_id_with_an_escaped_lf_comes_back_escaped_on_one_line(bro
     broker.client().send(f"/{kind}/{qname}", b"hello")
     [(command, lines, body)] = raw_frames(s, 1)
     assert command == "MESSAGE" and body == b"hello"
-    assert names(lines) == sorted(["subscription", "message-id", "destination", "content-length"]), lines
+    expected = ["subscription", "message-id", "destination", "content-length"]
+    assert names(lines) == sorted(expected + (["delivery-count"] if kind == "queue" else [])), lines
     assert unescaped(value(lines, "subscription")) == "s\nforged:2", lines
 
 
