@@ -181,12 +181,9 @@ def encode_frame(command, headers, body=None, version="1.2"):
 
 class FrameParser:
     """Incremental STOMP frame parser: `feed(bytes)`, then `next_frame()` until it returns None.
-
-    Frames are taken one at a time so that the caller can switch `version` (which decides header
-    trimming and escapes) right after CONNECT, before the frames that follow it are decoded.
-    The parser owns the limits; anything over them, or malformed, raises ProtocolError. It keeps
-    how far it has already searched, so a large frame arriving in small pieces is scanned once.
-    """
+    One frame at a time, so that the caller can switch `version` (header trimming and escapes)
+    right after CONNECT. It owns the limits: anything over them, or malformed, raises
+    ProtocolError. It remembers how far it searched: a frame arriving in pieces is scanned once."""
 
     def __init__(self, max_frame_size=16 * 1024 * 1024, max_headers=1000, max_line=64 * 1024):
         self.max_frame_size = max_frame_size
@@ -210,10 +207,6 @@ class FrameParser:
         self.buffer = bytearray()
         self.pos = self.scanned = self.newlines = 0
         self.head = None
-
-    def pending(self):
-        """The bytes held for frames not yet complete."""
-        return self.buffer[self.pos:]
 
     def buffered(self):
         return len(self.buffer) - self.pos
@@ -389,15 +382,12 @@ def http_response(status, headers=(), body=b""):
 
 
 class WebSocket:
-    """One WebSocket connection, server side, without I/O (like FrameParser).
-
-    `feed(bytes)` takes what arrived and returns the payload bytes of its data messages, text or
-    binary alike: for STOMP they are one byte stream, so a message may hold several frames or a
-    part of one. What the connection must write back (the handshake answer, pongs, the close)
-    collects in `replies`; `closing` says the connection ends once they are written. The opening
-    HTTP request may instead ask for `GET /metrics`: then `metrics_wanted` is set, and the caller
-    answers with `http_response`. `frame(buffers)` wraps one outgoing STOMP frame as a message.
-    """
+    """One WebSocket connection, server side, without I/O (like FrameParser). `feed(bytes)`
+    returns the payload of the data messages that arrived, text or binary alike: for STOMP they
+    are one byte stream (a message may hold several frames or a part of one). What must be
+    written back (the handshake's answer, pongs, the close) collects in `replies`; `closing`:
+    the connection ends once they are written. `metrics_wanted`: the request was `GET /metrics`,
+    for the caller to answer. `frame(buffers)` wraps one outgoing STOMP frame as a message."""
     MAX_REQUEST = 8192
 
     def __init__(self, max_message, origins=None):
@@ -584,8 +574,7 @@ class ClientError(Exception):
 
 class Message:
     """A queue or topic message. `rank` is minus the priority, so (rank, id) sorts in delivery
-    order. `headers` are the client's own SEND headers, passed through to MESSAGE. Times
-    (`expires`, `ready_at`) are Unix time in seconds."""
+    order; `headers`: the client's own SEND headers, passed on to MESSAGE; times: Unix seconds."""
     __slots__ = ("id", "queue", "rank", "ack_timeout", "headers", "body", "size", "deliveries",
                  "expires", "ready_at", "state", "timer")
 
@@ -653,22 +642,18 @@ class MessageStore:
       commit()            end of a reactor turn: insert the batch and apply the deletes, synced
                           in one transaction; nothing at all when no receipt waits.
       flush()             write the cache too (every -flush-period, or when over -maxmsgs).
-      fetch(queue, after, limit)  the queue's next messages after the key `after`, in order.
-      count(queue, now)   its messages, delayed ones too, not expired ones.
-      take_due(now, limit), take_expired(now, limit)  delayed messages whose time has come
-                          (made ready), and expired ones that are not in memory.
-      next_due(), max_id(), over(...), close().
+      fetch(queue, after, limit), count(queue, now), take_due(now, limit) (delayed messages
+      whose time has come, made ready), take_expired(now, limit), next_due(), max_id(), close().
     Reads see everything: the queue's unsaved messages are inserted into the open transaction
     first (no sync), and the pending deletes applied.
 
     A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows (see
     Message.row): max_id(), insert(rows) (replacing rows of the same ids), delete(ids),
-    commit(), fetch(queue, after, limit), due(column, now, limit) (rows whose `expires` or
-    `ready_at` is past), next_due() (the first `ready_at`), count(queues, now), close(). Writes
-    join an open transaction that commit() makes durable, and reads see it. A failure raises
-    the backend's StorageError and loses that transaction; the store then keeps in memory all
-    that was not committed (RECACHED), says `healthy = False`, and tries the database again
-    only at the next flush.
+    commit(), fetch(queue, after, limit), due(column, now, limit), next_due(), count(queues,
+    now), close(). Writes join an open transaction that commit() makes durable; reads see it.
+    A failure raises the backend's StorageError and loses that transaction: the store keeps in
+    memory all that was not committed (RECACHED), says `healthy = False`, and tries again only
+    at the next flush.
     """
 
     INSERT_CHUNK = 1000           # rows made and inserted at once: a failing try costs one chunk
@@ -687,8 +672,7 @@ class MessageStore:
         self.sync_wanted = False  # a receipt waits for this turn's commit
         self.healthy = True
         self.stored = backend.count()     # messages not ACKed, on disk or not (for /metrics)
-        self.commits = 0
-        self.commit_seconds = 0.0
+        self.commits, self.commit_seconds = 0, 0.0     # for /metrics
 
     def max_id(self):
         return self.backend.max_id()
@@ -881,12 +865,9 @@ class MessageStore:
 class Client:
     """One connection's broker-side state. The broker appends frames to `outbox` and sets
     `closing`; the reactor writes the outbox, tells the broker what it wrote, and closes.
-
-    A frame in the outbox is a tuple of buffers, many written with one send: a
-    topic message's headers and body are buffers shared by every subscriber's outbox. Frames
-    are dropped whole or not at all (see Broker.drop_output); `head_sent` bytes of the first
-    one are written, `unsent` counts the bytes still to write, and `frames_sent` of the
-    `frames_queued` frames ever queued are fully written."""
+    A frame is a tuple of buffers (a topic message's are shared by its subscribers' outboxes),
+    written, or dropped, whole: `head_sent` bytes of the first one are written, `unsent` bytes
+    are still to write, and `frames_sent` of the `frames_queued` ever queued are written."""
     __slots__ = ("session", "peer", "parser", "version", "connected", "closing", "outbox",
                  "head_sent", "unsent", "shared_frames", "frames_queued", "frames_sent",
                  "after_write", "subscriptions", "deliveries", "transactions", "transaction_bytes",
@@ -942,9 +923,8 @@ ACK_MODES = {mode: mode for mode in ("auto", "client", "client-individual")}
 
 class Subscription:
     """A client's subscription. `next`/`prev` link it into a ring (see ring_add): its topic's
-    subscribers, or its queue's subscriptions that have room for another message. Small on
-    purpose: a broker may hold millions of these, so each kind is a subclass that carries only
-    the slots it needs, and `kind` is a class attribute."""
+    subscribers, or its queue's subscriptions with room for another message. Small on purpose
+    (there may be millions): each kind is a subclass with only the slots it needs."""
     __slots__ = ("client", "id", "target", "ack_mode", "next", "prev")
     kind = None
 
@@ -1049,12 +1029,11 @@ def ring_members(head):
 
 
 class Queue:
-    """An active queue: one with subscribers. It holds a window of its next messages in a heap
-    of (rank, id, Message), and `cursor`, the greatest key it ever took into memory. While
-    `backlog_on_disk`, the store may hold messages of this queue that sort after the cursor and
-    are not in memory; every message in memory sorts at or before it, so reading on from the
-    cursor never fetches a message twice. Otherwise every stored message of the queue is in
-    memory (in the heap or delivered), so any new one can join the heap."""
+    """An active queue (one with subscribers): a window of its next messages in a heap of
+    (rank, id, Message), and `cursor`, the greatest key it took into memory. While
+    `backlog_on_disk`, the store may hold messages after the cursor that are not in memory
+    (all in memory sort at or before it, so reading on from it never fetches one twice);
+    otherwise all its messages are in memory (heap or delivered), and a new one joins the heap."""
     __slots__ = ("name", "subscribers", "ready", "heap", "heap_bytes", "backlog_on_disk",
                  "cursor", "in_flight")
 
@@ -1425,10 +1404,8 @@ class Broker:
             raise ClientError(f"unknown command {frame.command[:40]!r}")
         if not client.connected and handler is not Broker.cmd_connect:
             raise ClientError("the first frame must be CONNECT or STOMP")
-        tx = frame.headers.get("transaction")
-        if tx is not None and handler in self.TRANSACTIONAL:
-            if tx not in client.transactions:
-                raise ClientError(f"unknown transaction {tx[:40]!r}")
+        if "transaction" in frame.headers and handler in self.TRANSACTIONAL:
+            tx = self.transaction_id(client, frame)
             if handler is Broker.cmd_send:    # refuse a bad frame now: COMMIT applies all
                 if self.parse_send(frame)[0] == "control":
                     raise ClientError("a control destination cannot be used in a transaction")
@@ -1686,9 +1663,7 @@ class Broker:
         return msg_id
 
     def cmd_begin(self, client, frame):
-        tx = self.transaction_id(frame)
-        if tx in client.transactions:
-            raise ClientError(f"transaction {tx[:40]!r} already begun")
+        tx = self.transaction_id(client, frame, begun=False)
         if len(client.transactions) >= self.MAX_TRANSACTIONS:
             raise ClientError(f"too many open transactions (at most {self.MAX_TRANSACTIONS}): "
                               f"COMMIT or ABORT first")
@@ -1717,9 +1692,7 @@ class Broker:
         return frames
 
     def cmd_commit(self, client, frame):
-        tx = self.transaction_id(frame)
-        if tx not in client.transactions:
-            raise ClientError(f"unknown transaction {tx[:40]!r}")
+        tx = self.transaction_id(client, frame)
         durable = "receipt" in frame.headers       # then the whole COMMIT is synced first
         if durable and not self.store.healthy and any(
                 inner.headers["destination"].startswith("/queue/")
@@ -1737,16 +1710,17 @@ class Broker:
         self.receipt(client, frame)
 
     def cmd_abort(self, client, frame):
-        tx = self.transaction_id(frame)
-        if tx not in client.transactions:
-            raise ClientError(f"unknown transaction {tx[:40]!r}")
-        self.end_transaction(client, tx)
+        self.end_transaction(client, self.transaction_id(client, frame))
         self.receipt(client, frame)
 
-    def transaction_id(self, frame):
+    @staticmethod
+    def transaction_id(client, frame, begun=True):
+        """The frame's transaction: one of the client's open ones (BEGIN: not one of them)."""
         tx = frame.headers.get("transaction")
         if tx is None:
             raise ClientError(f"{frame.command} needs a transaction header")
+        if (tx in client.transactions) != begun:
+            raise ClientError(f"transaction {tx[:40]!r} {'unknown' if begun else 'already begun'}")
         return tx
 
     def cmd_disconnect(self, client, frame):
@@ -1915,17 +1889,15 @@ class Broker:
 
     def requeue(self, sub, msg, reject=False):
         """Put a delivered message back in its queue, or, if it is rejected or was delivered
-        as often as it may be, in its dead-letter queue; returns the queue it came from."""
-        queue = sub.target
+        as often as it may be, in its dead-letter queue."""
         limit = self.max_deliveries_of(msg)
         if reject or (limit and msg.deliveries >= limit):
             self.dead_letter(msg, "rejected" if reject else "max-deliveries")
-            return queue
-        self.totals["redelivered"] += 1
-        self.store.returned(msg)
-        if queue.subscribers:
-            self.offer(queue, msg)
-        return queue
+        else:
+            self.totals["redelivered"] += 1
+            self.store.returned(msg)
+            if sub.target.subscribers:
+                self.offer(sub.target, msg)
 
     def max_deliveries_of(self, msg):
         return next((int(v) for k, v in msg.headers if k == "max-deliveries"), self.max_deliveries)
@@ -1955,7 +1927,8 @@ class Broker:
         """Take the message back and give it to another ready subscriber if there is one.
         (Settling a message cancels this timer, so the delivery is still unacked here.)"""
         log.debug("%s: ack-timeout of message %s", sub.client.session, msg_id)
-        queue = self.requeue(sub, sub.settle(msg_id))
+        self.requeue(sub, sub.settle(msg_id))
+        queue = sub.target
         queue.ready = ring_remove(queue.ready, sub)
         self.dispatch(queue)
         self.make_ready(sub)
@@ -2164,8 +2137,7 @@ class Timer:
         self.deadline = deadline
         self.callback = callback
         self.args = args
-        self.cancelled = False
-        self.fired = False
+        self.cancelled = self.fired = False
 
     def cancel(self):
         """Never run; let go of the callback and its arguments now (they may hold a closed
@@ -2175,11 +2147,10 @@ class Timer:
 
 
 class Reactor:
-    """Accept connections, read frames into the broker, write outboxes, run timers.
-
-    Each turn: run the due timers, wait on the sockets until the next timer, hand what was read
-    to the broker, let the broker commit its durable batch (see gather_commit), then write every
-    touched outbox with one send of up to WRITE_CHUNK bytes."""
+    """Accept connections, read frames into the broker, write outboxes, run timers. Each turn:
+    run the due timers, wait on the sockets until the next timer, hand what was read to the
+    broker, let it commit its durable batch (see gather_commit), then write every touched
+    outbox with one send of up to WRITE_CHUNK bytes."""
 
     READ_SIZE = 256 * 1024
     MAX_FRAMES = 4096             # frames looked at for one write
@@ -2494,8 +2465,7 @@ class Reactor:
 
     def drain_wakeup(self):
         try:
-            while self.wakeup_r.recv(4096):
-                pass
+            self.wakeup_r.recv(4096)      # one byte per signal
         except (BlockingIOError, InterruptedError):
             pass
 

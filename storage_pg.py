@@ -1,19 +1,12 @@
 """The PostgreSQL backend of ocamlmq.py (`-pg CONNINFO`): queue messages in one table of a server.
 
-It is the sqlite backend's twin (same rows, same methods, same ordering; see the `MessageStore`
-docstring in ocamlmq.py for the whole storage contract), for users who want the messages on a
-database server. Writes go into one open transaction, begun by the first write after a commit;
-`commit()` ends it with COMMIT under `synchronous_commit = on`, so the server has flushed its WAL
-to disk before the call returns, which is what a RECEIPT promises. Reads outside that
-transaction run on their own (autocommit), so a read never leaves the connection "idle in
-transaction", holding locks that would stop an operator's ALTER TABLE or VACUUM FULL. Inserts
-are multi-row statements and a batch of deletes is one `DELETE ... WHERE id = ANY(...)`, so a
-flush costs a few round trips however many rows it holds.
-
-Delivery order is `rank` (minus the priority), then `id`; the index on (queue, rank, id) makes
-"the next N messages of queue Q after key K" one index range scan through the row comparison
-`(rank, id) > (K)`. Delayed messages wait under a queue name of their own, and partial indexes
-find the rows whose `ready_at` or `expires` is past, as in the sqlite backend.
+The sqlite backend's twin: same rows, methods, ordering and indexes (see storage_sqlite.py, and
+the `MessageStore` docstring in ocamlmq.py for the contract). Writes go into one open
+transaction, begun by the first write after a commit; `commit()` ends it under
+`synchronous_commit = on`, so the server has flushed its WAL before the call returns. Reads
+outside it run on their own (autocommit): the connection is never left "idle in transaction",
+holding locks that would stop an operator's ALTER TABLE. Inserts are multi-row statements and
+deletes one `DELETE ... WHERE id = ANY(...)`: a flush costs a few round trips.
 
 Outages: when the connection is lost, the failing call raises StorageError and the backend drops
 the connection; the next call tries once to reconnect (connect_timeout 2 s unless the conninfo sets
@@ -68,8 +61,8 @@ class StorageError(Exception):
 
 
 def _one_line(error):
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return next((line.strip() for line in str(error).splitlines() if line.strip()),
+                type(error).__name__)
 
 
 class PgBackend:
@@ -179,15 +172,15 @@ class PgBackend:
             conn.close()
 
     def _rows(self, sql, params):
-        def run(cur):
-            cur.execute(sql, params)
-            return [row[:5] + (bytes(row[5]),) + row[6:] for row in cur.fetchall()]
-        return self._run(run)
+        return [row[:5] + (bytes(row[5]),) + row[6:] for row in self._query(sql, params)]
 
     def _scalar(self, sql, params=()):
+        return self._query(sql, params)[0][0]
+
+    def _query(self, sql, params):
         def run(cur):
             cur.execute(sql, params)
-            return cur.fetchone()[0]
+            return cur.fetchall()
         return self._run(run)
 
     # -- connection handling ------------------------------------------------------------------
@@ -198,10 +191,8 @@ class PgBackend:
         connect timeout and TCP keepalives, so that a dead server never blocks the broker long."""
         given = psycopg2.extensions.parse_dsn(conninfo)
         defaults = {"connect_timeout": ("PGCONNECT_TIMEOUT", 2),
-                    "application_name": ("PGAPPNAME", "ocamlmq"),
-                    "keepalives_idle": (None, 10),
-                    "keepalives_interval": (None, 5),
-                    "keepalives_count": (None, 3)}
+                    "application_name": ("PGAPPNAME", "ocamlmq"), "keepalives_idle": (None, 10),
+                    "keepalives_interval": (None, 5), "keepalives_count": (None, 3)}
         if psycopg2.extensions.libpq_version() >= 120000:
             defaults["tcp_user_timeout"] = (None, 10000)   # ms of unacknowledged data
         return {key: value for key, (env, value) in defaults.items()

@@ -49,8 +49,7 @@ FETCH = (f"SELECT {COLUMNS} FROM messages"
 
 @functools.lru_cache(maxsize=None)
 def insert_statement(count):
-    """INSERT OR REPLACE of `count` rows (a row is written again after a failed commit or with
-    a new delivery count, queue or `ready_at`)."""
+    """INSERT OR REPLACE of `count` rows (a row may be written again, changed or not)."""
     return (f"INSERT OR REPLACE INTO messages ({COLUMNS}) VALUES "
             + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
 
@@ -98,7 +97,7 @@ class SqliteBackend:
 
     def max_id(self):
         """The highest message id stored, or 0."""
-        return self._run(lambda: self.db.execute("SELECT max(id) FROM messages").fetchone()[0] or 0)
+        return self._scalar("SELECT max(id) FROM messages") or 0
 
     def insert(self, rows):
         """Store rows (as COLUMNS; headers as JSON) in the open transaction.
@@ -136,19 +135,16 @@ class SqliteBackend:
 
     def next_due(self):
         """The earliest `ready_at`, or None."""
-        return self._run(lambda: self.db.execute(
-            "SELECT min(ready_at) FROM messages WHERE ready_at IS NOT NULL").fetchone()[0])
+        return self._scalar("SELECT min(ready_at) FROM messages WHERE ready_at IS NOT NULL")
 
     def count(self, queues=None, now=None):
         """How many unexpired rows these queues have (every row of every queue: None)."""
         if queues is None:
-            return self._run(lambda: self.db.execute(
-                "SELECT count(*) FROM messages").fetchone()[0])
+            return self._scalar("SELECT count(*) FROM messages")
         names = ", ".join("?" * len(queues))
-        return self._run(lambda: self.db.execute(
-            f"SELECT (SELECT count(*) FROM messages WHERE queue IN ({names})) - (SELECT count(*)"
-            f" FROM messages INDEXED BY messages_expires WHERE expires <= ? AND queue IN"
-            f" ({names}))", (*queues, now, *queues)).fetchone()[0])
+        return self._scalar(f"SELECT (SELECT count(*) FROM messages WHERE queue IN ({names})) -"
+                            f" (SELECT count(*) FROM messages INDEXED BY messages_expires"
+                            f" WHERE expires <= ? AND queue IN ({names}))", (*queues, now, *queues))
 
     def close(self):
         try:
@@ -157,6 +153,9 @@ class SqliteBackend:
         except sqlite3.Error as e:
             raise StorageError(f"closing the sqlite database: {e}") from None
         self.lock.close()         # sqlite is done with the file: its locks are gone anyway
+
+    def _scalar(self, sql, params=()):
+        return self._run(lambda: self.db.execute(sql, params).fetchone()[0])
 
     def _run(self, operation):
         try:

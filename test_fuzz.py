@@ -122,7 +122,7 @@ def parse_all(data_chunks, version, limits):
             frames.append((f.command, dict(f.headers), f.body))
         assert p.buffered() <= max_frame_size + len(chunk) + 1, \
             f"buffer {p.buffered()} over the {max_frame_size} limit by more than a chunk"
-        pending = bytes(p.pending())
+        pending = bytes(p.buffer[p.pos:])
         if b"\n\n" not in pending and b"\n\r\n" not in pending:      # still in a head
             last_line = len(pending) - (pending.rfind(b"\n") + 1)
             assert last_line <= max_line + len(chunk) + 1, \

@@ -454,3 +454,39 @@ def test_fake_clock_delayed_messages_and_a_full_window(tmp_path):
         got.append(msg.body)
     assert got == [b"0", b"urgent"] + [b"%d" % i for i in range(1, count)] + [b"late"]
     h.broker.shutdown()
+
+
+def test_stomppy_worker_gives_up_on_a_poison_message(broker, qname):
+    """The README's worker, with the real stomp.py client: a task that always fails is tried
+    three times (delivery-count 1, 2, 3) and then rejected to the DLQ; a good task is ACKed."""
+    import threading
+    import stomp
+    seen, done = [], threading.Event()
+
+    class Worker(stomp.ConnectionListener):
+        def on_message(self, frame):
+            count = int(frame.headers["delivery-count"])
+            seen.append((frame.body, count))
+            if frame.body == "good":
+                conn.ack(frame.headers["ack"])
+            elif count >= 3:
+                conn.nack(frame.headers["ack"], requeue="false")
+                done.set()
+            else:
+                conn.nack(frame.headers["ack"])
+
+    conn = stomp.Connection12([(broker.host, broker.port)])
+    conn.set_listener("", Worker())
+    conn.connect(wait=True)
+    try:
+        conn.subscribe(f"/queue/{qname}", id="1", ack="client-individual")
+        conn.send(f"/queue/{qname}", "poison")
+        conn.send(f"/queue/{qname}", "good")
+        assert done.wait(5)
+        c = broker.client()
+        c.subscribe(f"/queue/DLQ.{qname}")
+        assert_dead_lettered(c.message(), qname, "rejected", b"poison")
+    finally:
+        conn.disconnect()
+    assert sorted(seen) == [("good", 1), ("poison", 1), ("poison", 2), ("poison", 3)]
+    assert c.count_msgs(qname) == 0
