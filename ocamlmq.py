@@ -1380,16 +1380,6 @@ class Broker:
         client.reading_paused = True
         self.to_write.add(client)     # the reactor stops reading its socket
 
-    def hold_producers(self, held):
-        """Storage backpressure on or off. Off: read the held-back producers again, starting
-        with the frames already in their parsers."""
-        self.producers_held = held
-        if held:
-            log.warning("storage unavailable and the cache is full: not reading from the "
-                        "connections that send to queues until a flush succeeds")
-        else:
-            self.call_later(0, self.resume_reading)   # at the start of a turn, before commit
-
     def resume_reading(self):
         for client in [c for c in self.clients if c.reading_paused]:
             client.reading_paused = False
@@ -2089,10 +2079,17 @@ class Broker:
 
     def check_backpressure(self):
         """While storage is unavailable, the cache takes unreceipted messages up to -maxmsgs
-        or MAX_CACHED_BYTES; past that the connections that SEND to queues are not read."""
+        or MAX_CACHED_BYTES; past that the connections that SEND to queues are not read. Once
+        that ends, the held-back producers are read again, from the frames in their parsers."""
         full = not self.store.healthy and self.store.over(self.maxmsgs, self.MAX_CACHED_BYTES)
-        if full != self.producers_held:
-            self.hold_producers(full)
+        if full == self.producers_held:
+            return
+        self.producers_held = full
+        if full:
+            log.warning("storage unavailable and the cache is full: not reading from the "
+                        "connections that send to queues until a flush succeeds")
+        else:
+            self.call_later(0, self.resume_reading)   # at the start of a turn, before commit
 
     def metrics(self):
         """The broker's figures in Prometheus' text format (GET /metrics); the README lists them."""
