@@ -598,8 +598,10 @@ class Message:
         its own, so that reading a queue in order never has to step over it."""
         headers = json.dumps(self.headers) if self.headers else "[]"
         queue = self.queue if self.ready_at is None else DELAYED + self.queue
-        return (self.id, queue, self.rank, self.ack_timeout, headers, self.body,
-                self.deliveries, self.expires, self.ready_at)
+        row = (self.id, queue, self.rank, self.ack_timeout, headers, self.body)
+        if self.deliveries or self.expires is not None or self.ready_at is not None:
+            row += (self.deliveries, self.expires, self.ready_at)
+        return row
 
     @classmethod
     def from_row(cls, row):
@@ -649,7 +651,7 @@ class MessageStore:
 
     A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows (see
     Message.row): max_id(), insert(rows) (replacing rows of the same ids), delete(ids),
-    commit(), fetch(queue, after, limit), due(column, now, limit), next_due(), count(queues,
+    commit(), fetch(queue, after, limit), due(column, after, now, limit), next_due(), count(queues,
     now), close(). Writes join an open transaction that commit() makes durable; reads see it.
     A failure raises the backend's StorageError and loses that transaction: the store keeps in
     memory all that was not committed (RECACHED), says `healthy = False`, and tries again only
@@ -700,11 +702,18 @@ class MessageStore:
             self._keep_unsaved(msg)
 
     def move(self, msg, queue):
+        """Written at once (its old row may exist), so that no read sees it where it was."""
         if msg.state in UNSAVED:
             self._forget_unsaved(msg)
-        self.stored -= 1
         msg.queue, msg.deliveries, msg.expires, msg.ready_at = queue, 0, None, None
-        self.save(msg, durable=True)
+        msg.state = RECACHED
+        self._keep_unsaved(msg)
+        self.sync_wanted = True
+        if self.healthy:
+            try:
+                self._insert([msg])
+            except self.StorageError:
+                self._failed()
 
     def want_sync(self):
         self.sync_wanted = True
@@ -750,20 +759,24 @@ class MessageStore:
             self._failed()
         return msgs
 
-    def take_expired(self, now, limit):
-        """Up to `limit` expired messages on disk that are not also in the cache."""
-        return [msg for msg in self._due("expires", now, limit)
+    def take_expired(self, now, after, limit):
+        """Up to `limit` messages on disk, not also in the cache, that expired after `after`."""
+        return [msg for msg in self._due("expires", now, limit, after)
                 if msg.id not in self.unsaved.get(msg.queue, ())]
 
-    def _due(self, column, now, limit):
+    def _due(self, column, now, limit, after=-math.inf):
         return [Message.from_row(row)
-                for row in self._read(None, self.backend.due, column, now, limit)]
+                for row in self._read(None, self.backend.due, column, after, now, limit)]
 
     def next_due(self):
         return self._read(None, self.backend.next_due)
 
     def count(self, queue, now):
-        return self._read(queue, self.backend.count, [queue, DELAYED + queue], now)
+        """Rows, and unsaved messages never written (a RECACHED one has a row while healthy)."""
+        unsaved = self.unsaved.get(queue, {}).values()
+        return self._read(None, self.backend.count, [queue, DELAYED + queue], now) + sum(
+            msg.state is not RECACHED and (msg.expires is None or msg.expires > now)
+            for msg in unsaved)
 
     def _read(self, queue, read, *args):
         """A read that sees everything: the pending deletes applied, and `queue`'s unsaved
@@ -1078,6 +1091,7 @@ class Broker:
     CONNECT_DEADLINE = 10.0
     STALL_DEADLINE = 30.0         # an incomplete frame must get a new byte this often
     MAX_TRANSACTIONS = 1000       # open transactions per connection
+    MAX_NAME = 1024               # bytes of a destination's name (a database index holds it)
     TRANSACTION_COST = 1024       # what an open transaction counts for, at least
     SHARE_FROM = 4096             # a MESSAGE this large is not copied into the outbox (a
                                   # topic's body and headers are shared by every outbox); a
@@ -1113,6 +1127,7 @@ class Broker:
                                      "dead_lettered", "expired"), 0)   # for /metrics
         call_later(self.flush_period, self.periodic_flush)
         self.due_at = self.due_timer = None     # when the first delayed message is due
+        self.purged_to = -math.inf    # where the purge of expired messages goes on
         self.watch_due(store.next_due())
 
     # ---- what the reactor calls ------------------------------------------------------------
@@ -1454,6 +1469,8 @@ class Broker:
         if not destination.startswith("/") or kind not in ("queue", "topic", "control") \
                 or not name:
             raise ClientError(f"unknown destination {destination[:100]!r}")
+        if len(name) > 256 and kind != "control" and len(name.encode()) > self.MAX_NAME:
+            raise ClientError(f"destination name longer than {self.MAX_NAME} bytes")
         return kind, name
 
     def parse_send(self, frame):
@@ -1472,7 +1489,7 @@ class Broker:
             if not DECIMAL.fullmatch(ack_timeout):
                 raise ClientError(f"invalid ack-timeout {ack_timeout[:40]!r}")
             ack_timeout = float(ack_timeout) or None
-        if kind != "queue":
+        if kind != "queue" or self.SECTION_12_HEADERS.isdisjoint(h):    # the usual SEND
             return kind, name, -priority, ack_timeout, None, None
         parse_int(h.get("max-deliveries", "0"), "max-deliveries", low=0)
         now, times = self.wall_clock(), []   # Unix seconds, from headers in ms since the epoch
@@ -1485,6 +1502,7 @@ class Broker:
             ready_at if (ready_at or 0) > now else None)
 
     TIME_HEADERS = (("expires", "expiration"), ("deliver-at", "AMQ_SCHEDULED_DELAY"))
+    SECTION_12_HEADERS = frozenset(("max-deliveries",) + sum(TIME_HEADERS, ()))
 
     PASSED_HEADERS_EXCLUDED = frozenset(("destination", "receipt", "transaction", "content-length",
                                          "message-id", "subscription", "ack", "redelivered",
@@ -1795,6 +1813,18 @@ class Broker:
         heapq.heappush(heap, (msg.rank, msg.id, msg))
         queue.heap_bytes += msg.size
 
+    @staticmethod
+    def trim_window(queue):
+        """Back to WINDOW messages in memory, the last ones left to be read again from the
+        store (which has them, or a fetch inserts them from the cache)."""
+        heap = queue.heap
+        if len(heap) > Queue.WINDOW:
+            heap.sort()
+            queue.heap_bytes -= sum(msg.size for _, _, msg in heap[Queue.WINDOW:])
+            del heap[Queue.WINDOW:]
+            queue.cursor = heap[-1][:2]
+            queue.backlog_on_disk = True
+
     def next_message(self, queue):
         """Pop the queue's next unexpired message, reading the next batch from the store when
         needed. Expired ones met on the way are dropped or dead-lettered."""
@@ -2036,29 +2066,34 @@ class Broker:
         now = self.wall_clock()
         try:
             msgs = self.store.take_due(now, self.FETCH_BATCH)
-            self.watch_due(now if len(msgs) == self.FETCH_BATCH else self.store.next_due())
         except self.store.StorageError:
-            self.watch_due(now + self.flush_period)     # after the flush that retries storage
-            return
+            msgs = []
         for msg in msgs:
             if msg.queue in self.queues:
                 self.offer(self.queues[msg.queue], msg)
         for name in {msg.queue for msg in msgs} & self.queues.keys():
+            self.trim_window(self.queues[name])
             self.dispatch(self.queues[name])
+        try:
+            self.watch_due(now if len(msgs) == self.FETCH_BATCH else self.store.next_due())
+        except self.store.StorageError:
+            self.watch_due(now + self.flush_period)     # after the flush that retries storage
 
     def purge_expired(self):
-        """Drop or dead-letter expired messages on disk, a batch per turn. Those in an active
-        queue's window (sorting at or before its cursor) are left to next_message."""
+        """Drop or dead-letter expired messages on disk, a batch per turn, in `expires` order
+        from where the last batch ended. Those in an active queue's window (sorting at or
+        before its cursor) are left to next_message."""
         try:
-            msgs = self.store.take_expired(self.wall_clock(), self.FETCH_BATCH)
+            msgs = self.store.take_expired(self.wall_clock(), self.purged_to, self.FETCH_BATCH)
         except self.store.StorageError:
             return
+        self.purged_to = msgs[-1].expires if len(msgs) == self.FETCH_BATCH else -math.inf
         queues = self.queues
-        msgs = [msg for msg in msgs if msg.queue not in queues or msg.ready_at is not None
-                or (msg.rank, msg.id) > queues[msg.queue].cursor]
         for msg in msgs:
-            self.expire(msg)
-        if msgs and len(msgs) == self.FETCH_BATCH:
+            if msg.queue not in queues or msg.ready_at is not None or (
+                    msg.rank, msg.id) > queues[msg.queue].cursor:
+                self.expire(msg)
+        if len(msgs) == self.FETCH_BATCH:
             self.call_later(0, self.purge_expired)
 
     def flush(self):

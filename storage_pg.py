@@ -95,7 +95,7 @@ class PgBackend:
         stored already replaces it."""
         latest = {}     # one row per id: ON CONFLICT DO UPDATE must not meet an id twice
         for row in rows:
-            latest[row[0]] = row
+            latest[row[0]] = row + (0, None, None)[len(row) - 6:]    # 6: the rest as default
         if not latest:
             return
 
@@ -138,11 +138,11 @@ class PgBackend:
         rank, msg_id = after
         return self._rows(FETCH, (queue, rank, msg_id, limit))
 
-    def due(self, column, now, limit):
-        """Up to `limit` rows whose `column` (ready_at or expires) is at or before `now`, the
-        earliest first."""
-        return self._rows(f"SELECT {', '.join(COLUMNS)} FROM messages WHERE {column} <= %s"
-                          f" ORDER BY {column} LIMIT %s", (now, limit))
+    def due(self, column, after, now, limit):
+        """Up to `limit` rows whose `column` (ready_at or expires) is after `after` and at or
+        before `now`, the earliest first."""
+        return self._rows(f"SELECT {', '.join(COLUMNS)} FROM messages WHERE {column} > %s AND"
+                          f" {column} <= %s ORDER BY {column} LIMIT %s", (after, now, limit))
 
     def next_due(self):
         """The earliest `ready_at`, or None."""

@@ -43,15 +43,19 @@ BUSY_TIMEOUT_MS = 100                # the longest wait for a lock held by anoth
                                     # reactor waits with it (5 s at start, when nothing waits)
 INSERT_ROWS = 100                   # rows per INSERT: 900 parameters, under sqlite's old 999
 COLUMNS = "id, queue, rank, ack_timeout, headers, body, deliveries, expires, ready_at"
-FETCH = (f"SELECT {COLUMNS} FROM messages"
-         " WHERE queue = ? AND (rank, id) > (?, ?) ORDER BY rank, id LIMIT ?")
+FETCH = (f"SELECT * FROM (SELECT {COLUMNS} FROM messages WHERE queue = ?1 AND rank = ?2"
+         f" AND id > ?3 ORDER BY id LIMIT ?4) UNION ALL SELECT * FROM (SELECT {COLUMNS} FROM"
+         " messages WHERE queue = ?1 AND rank > ?2 ORDER BY rank, id LIMIT ?4) ORDER BY rank, id"
+         " LIMIT ?4")
 
 
 @functools.lru_cache(maxsize=None)
-def insert_statement(count):
-    """INSERT OR REPLACE of `count` rows (a row may be written again, changed or not)."""
-    return (f"INSERT OR REPLACE INTO messages ({COLUMNS}) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
+def insert_statement(count, width):
+    """INSERT OR REPLACE of `count` rows of the first `width` COLUMNS (a row may be written
+    again, changed or not)."""
+    columns = ", ".join(COLUMNS.split(", ")[:width])
+    return (f"INSERT OR REPLACE INTO messages ({columns}) VALUES "
+            + ", ".join(["(" + ", ".join("?" * width) + ")"] * count))
 
 
 class StorageError(Exception):
@@ -100,12 +104,15 @@ class SqliteBackend:
         return self._scalar("SELECT max(id) FROM messages") or 0
 
     def insert(self, rows):
-        """Store rows (as COLUMNS; headers as JSON) in the open transaction.
-        A statement takes many rows at once: fewer trips into sqlite than one per row."""
+        """Store rows (as COLUMNS, or the first 6 with the rest at their defaults; headers as
+        JSON) in the open transaction. A statement takes many rows of one width at once."""
         def insert_all():
-            for start in range(0, len(rows), INSERT_ROWS):
-                chunk = rows[start:start + INSERT_ROWS]
-                self.db.execute(insert_statement(len(chunk)), [v for row in chunk for v in row])
+            for width in (6, 9):
+                same = [row for row in rows if len(row) == width]
+                for start in range(0, len(same), INSERT_ROWS):
+                    chunk = same[start:start + INSERT_ROWS]
+                    self.db.execute(insert_statement(len(chunk), width),
+                                    [v for row in chunk for v in row])
         self._run(insert_all)
 
     def delete(self, ids):
@@ -126,12 +133,12 @@ class SqliteBackend:
         rank, msg_id = after
         return self._run(lambda: self.db.execute(FETCH, (queue, rank, msg_id, limit)).fetchall())
 
-    def due(self, column, now, limit):
-        """Up to `limit` rows whose `column` (ready_at or expires) is at or before `now`, the
-        earliest first."""
+    def due(self, column, after, now, limit):
+        """Up to `limit` rows whose `column` (ready_at or expires) is after `after` and at or
+        before `now`, the earliest first."""
         return self._run(lambda: self.db.execute(
-            f"SELECT {COLUMNS} FROM messages WHERE {column} <= ? ORDER BY {column} LIMIT ?",
-            (now, limit)).fetchall())
+            f"SELECT {COLUMNS} FROM messages WHERE {column} > ? AND {column} <= ?"
+            f" ORDER BY {column} LIMIT ?", (after, now, limit)).fetchall())
 
     def next_due(self):
         """The earliest `ready_at`, or None."""
