@@ -55,6 +55,7 @@ import socket
 import ssl
 import sys
 import time
+import types
 import urllib.parse
 
 SERVER_NAME = "ocamlmq.py/1.0"
@@ -395,8 +396,7 @@ class WebSocket:
         self.origins = origins            # allowed Origin values ("*": any); None: same host
         self.buffer = bytearray()
         self.open = False                 # the handshake is done
-        self.closing = False
-        self.metrics_wanted = False
+        self.closing = self.metrics_wanted = False
         self.replies = []
         self.ping = None                  # the payload of the latest ping not yet answered
         self.in_message = False           # between the fragments of a data message
@@ -590,12 +590,13 @@ class Message:
         self.deliveries = deliveries  # how often it was delivered (as far as the disk knows)
         self.expires = expires        # never delivered from then on
         self.ready_at = ready_at      # a delayed message: not delivered before then
-        self.state = None             # where the store holds it: CACHED, BATCHED, ... (below)
-        self.timer = None             # its ack-timeout while it is delivered and not ACKed
+        # Where the store holds it (CACHED, BATCHED, ... below), and its ack-timeout while it is
+        # delivered and not ACKed.
+        self.state = self.timer = None
 
     def row(self):
-        """The message as a backend stores it; a delayed message waits under a queue name of
-        its own, so that reading a queue in order never has to step over it."""
+        """As a backend stores it (6 columns when the rest is at its default); a delayed message
+        waits under a queue name of its own, so that reading a queue never steps over it."""
         headers = json.dumps(self.headers) if self.headers else "[]"
         queue = self.queue if self.ready_at is None else DELAYED + self.queue
         row = (self.id, queue, self.rank, self.ack_timeout, headers, self.body)
@@ -664,8 +665,7 @@ class MessageStore:
         self.backend = backend
         self.StorageError = storage_error
         self.unsaved = {}         # queue name -> {id: Message} in CACHED, BATCHED or RECACHED
-        self.unsaved_count = 0
-        self.unsaved_bytes = 0    # their size (Message.size)
+        self.unsaved_count = self.unsaved_bytes = 0   # and their size (Message.size)
         self.batch = []           # messages saved with a receipt this turn
         self.inserted = []        # messages INSERTED into the open transaction
         self.inserted_bytes = 0
@@ -747,8 +747,7 @@ class MessageStore:
                 for row in self._read(queue, self.backend.fetch, queue, after, limit)]
 
     def take_due(self, now, limit):
-        """Up to `limit` delayed messages whose time has come, made ready: written again, into
-        the open transaction, under their queue's name (or kept in memory if that fails)."""
+        """Up to `limit` delayed messages now due, written again (ready) into the transaction."""
         msgs = self._due("ready_at", now, limit)
         for msg in msgs:
             msg.ready_at, msg.state = None, RECACHED
@@ -779,9 +778,8 @@ class MessageStore:
             for msg in unsaved)
 
     def _read(self, queue, read, *args):
-        """A read that sees everything: the pending deletes applied, and `queue`'s unsaved
-        messages inserted first (not synced, but if a RECEIPT waits for one of them, this
-        turn's commit still syncs it)."""
+        """A read that sees the pending deletes and `queue`'s unsaved messages, inserted first
+        (unsynced, unless a RECEIPT waits for one: then this turn's commit syncs them)."""
         if not self.healthy:      # the deletes could not be applied
             raise self.StorageError("storage unavailable")
         unsaved = list(self.unsaved.get(queue, {}).values())
@@ -892,11 +890,9 @@ class Client:
         self.peer = peer
         self.parser = parser
         self.version = "1.0"
-        self.connected = False
-        self.closing = False
+        self.connected = self.closing = False
         self.outbox = []
-        self.head_sent = 0
-        self.unsent = 0
+        self.head_sent = self.unsent = 0
         self.shared_frames = 0    # frames in the outbox with buffers shared with other outboxes
         self.frames_queued = self.frames_sent = 0
         self.after_write = collections.deque()  # (frame number, subscription, message-id):
@@ -918,16 +914,6 @@ class Client:
     def holding(self):
         """What this connection makes the broker hold, shared buffers counted in full."""
         return self.input_held + self.unsent + self.transaction_bytes + self.transport_held
-
-
-class SharedBuffers:
-    """The body and per-version headers of a topic message, shared by the outboxes of its
-    subscribers: `size` bytes, counted once, until the last of `users` frames lets go."""
-    __slots__ = ("users", "size")
-
-    def __init__(self, size):
-        self.users = 1
-        self.size = size
 
 
 QUEUE, TOPIC, PREFIX = "queue", "topic", "prefix"   # Subscription.kind
@@ -1056,10 +1042,9 @@ class Queue:
 
     def __init__(self, name):
         self.name = name
-        self.subscribers = 0
+        self.subscribers = self.heap_bytes = 0
         self.ready = None         # ring of subscriptions with room; the head is served next
         self.heap = None          # made when the first message arrives
-        self.heap_bytes = 0
         self.backlog_on_disk = True
         self.cursor = Queue.START
         self.in_flight = 0        # delivered, not ACKed
@@ -1116,12 +1101,12 @@ class Broker:
         self.prefixes = {}          # prefix -> ring of its subscriptions
         self.prefix_lengths = {}    # length -> how many prefixes of that length are subscribed
         self.next_id = max(store.max_id(), time.time_ns() // 1000) + 1
-        self.sessions = 0
-        self.clients = set()
+        self.sessions, self.clients = 0, set()
         self.to_write = set()       # clients whose outbox or reading state changed this turn
         self.awaiting_sync = {}     # client -> its outbox's frame count before a durable RECEIPT
         self.held = 0               # bytes clients make the broker hold, shared ones once
-        self.shared = {}            # id(topic body memoryview) -> SharedBuffers
+        self.shared = {}            # id(topic body memoryview) -> its buffers shared by outboxes:
+                                    # (users: frames holding them, size: their bytes, counted once)
         self.producers_held = False  # storage backpressure: queue senders are not read
         self.totals = dict.fromkeys(("received", "delivered", "acked", "redelivered",
                                      "dead_lettered", "expired"), 0)   # for /metrics
@@ -1537,12 +1522,11 @@ class Broker:
             self.store.save(msg, durable or ready_at is not None)
             if not self.store.healthy:
                 self.check_backpressure()
-            queue = self.queues.get(name)
             if ready_at is not None:
                 self.watch_due(ready_at)
-            elif queue is not None:
-                self.offer(queue, msg)
-                self.dispatch(queue)
+            elif name in self.queues:
+                self.offer(self.queues[name], msg)
+                self.dispatch(self.queues[name])
             if durable and "receipt" in frame.headers:
                 self.hold_until_synced(client)
         self.receipt(client, frame)
@@ -1762,8 +1746,8 @@ class Broker:
         shared = None
         if msg.size >= self.SHARE_FROM:
             body = memoryview(msg.body)
-            shared = self.shared[id(body)] = SharedBuffers(len(body))   # publish is a user
-            self.held += shared.size                                      # while it fans out
+            shared = self.shared[id(body)] = types.SimpleNamespace(users=1, size=len(body))
+            self.held += shared.size      # publish is one of its users while it fans out
         rests = {}                # version -> the frame after the delivery's own headers
         for sub in self.topic_subscribers(name):
             client = sub.client
@@ -1815,8 +1799,7 @@ class Broker:
 
     @staticmethod
     def trim_window(queue):
-        """Back to WINDOW messages in memory, the last ones left to be read again from the
-        store (which has them, or a fetch inserts them from the cache)."""
+        """Back to WINDOW messages in memory: the last ones are read again from the store."""
         heap = queue.heap
         if len(heap) > Queue.WINDOW:
             heap.sort()
@@ -1908,9 +1891,8 @@ class Broker:
             msg.timer = self.call_later(msg.ack_timeout, self.ack_timeout_passed, sub, msg_id)
 
     def requeue(self, sub, msg, reject=False):
-        """Put a delivered message back in its queue, or, if it is rejected or was delivered
-        as often as it may be, in its dead-letter queue."""
-        limit = self.max_deliveries_of(msg)
+        """A delivered message back to its queue, or to the DLQ: rejected, or delivered enough."""
+        limit = next((int(v) for k, v in msg.headers if k == "max-deliveries"), self.max_deliveries)
         if reject or (limit and msg.deliveries >= limit):
             self.dead_letter(msg, "rejected" if reject else "max-deliveries")
         else:
@@ -1919,12 +1901,8 @@ class Broker:
             if sub.target.subscribers:
                 self.offer(sub.target, msg)
 
-    def max_deliveries_of(self, msg):
-        return next((int(v) for k, v in msg.headers if k == "max-deliveries"), self.max_deliveries)
-
     def dead_letter(self, msg, reason):
-        """Move a message to the dead-letter queue of its queue, durably, keeping its id,
-        headers and body, and saying where it comes from and why."""
+        """To the DLQ of its queue, durably, with its id, headers and body, and where and why."""
         self.totals["dead_lettered"] += 1
         own = ("original-destination", "dead-letter-reason")
         msg.headers = [(own[0], "/queue/" + msg.queue), (own[1], reason)] + [
@@ -2060,8 +2038,7 @@ class Broker:
                                              self.take_due)
 
     def take_due(self):
-        """Delayed messages whose time has come join their queues by priority and age: an
-        active queue's window takes those that sort before its cursor, the disk the others."""
+        """Due delayed messages join their queues by priority and age (see offer, trim_window)."""
         self.due_at = self.due_timer = None
         now = self.wall_clock()
         try:
@@ -2080,9 +2057,8 @@ class Broker:
             self.watch_due(now + self.flush_period)     # after the flush that retries storage
 
     def purge_expired(self):
-        """Drop or dead-letter expired messages on disk, a batch per turn, in `expires` order
-        from where the last batch ended. Those in an active queue's window (sorting at or
-        before its cursor) are left to next_message."""
+        """Expire the messages on disk past their time, a batch per turn, paging on; those in an
+        active queue's window (at or before its cursor) are left to next_message."""
         try:
             msgs = self.store.take_expired(self.wall_clock(), self.purged_to, self.FETCH_BATCH)
         except self.store.StorageError:
@@ -2149,8 +2125,7 @@ class Broker:
         return "\n".join(lines) + "\n"
 
     def shutdown(self):
-        """Flush the cache and close the store (SIGINT/SIGTERM); messages delivered and not
-        ACKed are written with their delivery counts."""
+        """SIGINT/SIGTERM: write the cache (with the counts of unACKed deliveries) and close."""
         for client in self.clients:
             for sub in client.subscriptions.values():
                 for msg in (sub.unacked or {}).values() if sub.kind == QUEUE else ():
@@ -2194,21 +2169,17 @@ class Reactor:
 
     def __init__(self, listeners, clock=time.monotonic, tls_context=None, ws_origins=None):
         self.listeners = listeners    # [(socket, kind)], kind: "stomp", "tls" or "ws"
-        self.tls_context = tls_context
-        self.ws_origins = ws_origins
-        self.clock = clock
+        self.tls_context, self.ws_origins, self.clock = tls_context, ws_origins, clock
         self.selector = selectors.DefaultSelector()
         self.timers = []          # heap of (deadline, sequence, Timer)
-        self.compact_at = self.MIN_COMPACT
-        self.sequence = 0
+        self.compact_at, self.sequence = self.MIN_COMPACT, 0
         self.connections = {}     # Client -> Connection
         self.draining = set()     # closing clients given CLOSE_GRACE to drain their outbox
         self.last_synced = 0      # clients whose receipts waited for the last disk sync
         self.read_buffer = bytearray(self.READ_SIZE)
         self.read_view = memoryview(self.read_buffer)
-        self.stopping = False
         self.accept_pause = 0     # seconds accepting is paused for, while out of descriptors
-        self.broker = None
+        self.stopping, self.broker = False, None
         self.wakeup_r, self.wakeup_w = socket.socketpair()
         for s in (self.wakeup_r, self.wakeup_w):
             s.setblocking(False)
@@ -2456,13 +2427,13 @@ class Reactor:
         if tls.ready and client.outbox and not conn.ciphertext:   # one chunk at a time
             plaintext = self.outbox_bytes(client)
             try:
-                tls.send(plaintext)
+                tls.ssl.write(plaintext)
             except ssl.SSLError:
                 self.close(client)
                 return None
-            conn.ciphertext += tls.take_output()
+            conn.ciphertext += tls.outgoing.read()
             self.broker.output_written(client, len(plaintext))
-        conn.ciphertext += tls.take_output()
+        conn.ciphertext += tls.outgoing.read()
         self.broker.transport_holds(client, len(conn.ciphertext))
         sent = self.sock_send(client, conn.sock, conn.ciphertext) if conn.ciphertext else 0
         if not sent:
@@ -2567,12 +2538,6 @@ class Tls:
         if self.incoming.pending > self.READ_SIZE:    # bytes it will never decrypt
             raise ssl.SSLError("undecryptable input")
         return b"".join(chunks)
-
-    def send(self, plaintext):
-        self.ssl.write(plaintext)
-
-    def take_output(self):
-        return self.outgoing.read()
 
 
 # ==============================================================================================

@@ -10,7 +10,7 @@ deletes one `DELETE ... WHERE id = ANY(...)`: a flush costs a few round trips.
 
 Outages: when the connection is lost, the failing call raises StorageError and the backend drops
 the connection; the next call tries once to reconnect (connect_timeout 2 s unless the conninfo sets
-one; after a failed try, calls within `reconnect_interval` seconds fail at once without a try).
+one; the store calls again only at its next flush).
 Whatever the open transaction held is gone with the connection, so after any StorageError the
 caller must assume its uncommitted inserts and deletes were lost and redo them; `insert` is
 idempotent (INSERT ... ON CONFLICT (id) DO UPDATE) so a batch may be written twice, e.g. when
@@ -18,7 +18,6 @@ the connection died while COMMIT was in flight.
 """
 
 import os
-import time
 
 try:
     import psycopg2
@@ -68,16 +67,14 @@ def _one_line(error):
 class PgBackend:
     """Rows of queue messages in a PostgreSQL table. Every method may raise StorageError."""
 
-    def __init__(self, conninfo, reconnect_interval=1.0):
+    def __init__(self, conninfo):
         if psycopg2 is None:
             raise StorageError("cannot use PostgreSQL: the psycopg2 module is not installed"
                                " (pip install psycopg2-binary)")
         self.conninfo = conninfo
-        self.reconnect_interval = reconnect_interval
         self.conn = None
         self.in_transaction = False  # a write since the last commit: BEGIN was sent
         self.closed = False
-        self.last_attempt = None    # monotonic time of the last failed reconnection, or None
         try:
             self.options = self._options(conninfo)
             self._connect()
@@ -237,15 +234,10 @@ class PgBackend:
     def _reconnect(self):
         if self.closed:
             raise StorageError("the PostgreSQL backend is closed")
-        now = time.monotonic()
-        if self.last_attempt is not None and now - self.last_attempt < self.reconnect_interval:
-            raise StorageError("PostgreSQL is unavailable (will retry shortly)")
         try:
             self._connect()
         except psycopg2.Error as e:
-            self.last_attempt = time.monotonic()
             raise StorageError(f"cannot reconnect to PostgreSQL: {_one_line(e)}") from None
-        self.last_attempt = None
 
     def _run(self, operation):
         """operation(cursor) on the connection, reconnecting first if the last call lost it;

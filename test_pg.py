@@ -271,7 +271,7 @@ def test_a_failed_statement_rolls_back_and_the_backend_goes_on(backends):
 
 
 def test_outage_raises_storage_error_then_reconnects(cluster, backends):
-    b = backends(reconnect_interval=0)
+    b = backends()
     b.insert([row(1)])
     b.commit()
     b.insert([row(2)])                       # lost with the connection
@@ -290,21 +290,6 @@ def test_outage_raises_storage_error_then_reconnects(cluster, backends):
     b.insert([row(2), row(3)])               # the caller redoes its uncommitted batch
     b.commit()
     assert ids(backends().fetch("q", FIRST, 10)) == [1, 2, 3]
-
-
-def test_reconnection_attempts_are_spaced(cluster, backends):
-    b = backends(reconnect_interval=60)
-    b.count(["q"], 0)
-    cluster.stop()
-    with pytest.raises(storage_pg.StorageError, match="connection lost"):
-        b.count(["q"], 0)
-    with pytest.raises(storage_pg.StorageError, match="cannot reconnect"):
-        b.count(["q"], 0)
-    cluster.start()
-    with pytest.raises(storage_pg.StorageError, match="unavailable"):
-        b.count(["q"], 0)                         # too soon after the failed try: no new try
-    b.reconnect_interval = 0                 # as if the interval had passed
-    assert b.count(["q"], 0) == 0
 
 
 def test_close_commits_and_a_closed_backend_refuses(backends):
