@@ -24,6 +24,11 @@ new temp dir; stopped with SIGTERM, then SIGKILL):
               100,000 subscriptions on other queues, vs 100,000 subscriptions (prefetch 1) on the
               same queue; topic SEND with 1 subscriber vs with 100,000 unrelated prefix
               subscriptions.  The ratios should be a small constant, not ~100,000x.
+  delayed     1,000,000 messages with deliver-at times in random order, due over a window
+              (--delayed-rate per second), one consumer waiting: fill rate, RSS growth (they
+              must wait on disk), lateness p50/p99/max, and that they come out in time order.
+  nack        every message delivered three times: plain NACKs (ACK on the third) against
+              max-deliveries:3 with NACK every time (then the dead-letter move), deliveries/s.
 
 It reuses bench/loadgen.py (framing, connections, the worker-process harness, worker roles,
 /proc probe) and bench/run.py (starting and stopping the broker, the table).  Standard library only.
@@ -982,12 +987,176 @@ def case_costs(args):
     return br.finish(case, figs)
 
 
+# --------------------------------------------------------------------------------------------
+# SPEC section 12: delayed messages and dead-letter queues
+
+class Consumer(threading.Thread):
+    """Reads MESSAGEs on one connection, ACKs or NACKs each one as `decide(head, count)` says
+    ("ACK", "NACK" or "REJECT"; `count` is this client's own count of the message's deliveries,
+    so that the case runs on a broker without delivery-count too), and records (message-id,
+    receive time, head) until `expect` deliveries have arrived or `deadline` passes."""
+
+    def __init__(self, conn, expect, deadline, decide=None):
+        super().__init__(daemon=True)
+        self.conn, self.expect, self.deadline, self.decide = conn, expect, deadline, decide
+        self.seen, self.counts, self.error = [], {}, None
+
+    def run(self):
+        try:
+            while len(self.seen) < self.expect and time.monotonic() < self.deadline:
+                acks = []
+                for head, body in self.conn.recv_frames(1.0):
+                    if command_of(head) != b"MESSAGE":
+                        continue
+                    mid = header(head, b"message-id")
+                    count = self.counts[mid] = self.counts.get(mid, 0) + 1
+                    self.seen.append((mid, time.time(), head))
+                    if self.decide is not None:
+                        answer = self.decide(head, count)
+                        ack = self.conn.ack_frame(head, mid)
+                        acks.append(ack if answer == "ACK" else b"NACK" + ack[3:-3]
+                                    + (b"\nrequeue:false" if answer == "REJECT" else b"")
+                                    + b"\n\n\0")
+                if acks:
+                    self.conn.send(b"".join(acks))
+        except (BenchError, OSError) as e:
+            self.error = e
+
+
+def send_all(conn, frames, batch=500):
+    """Send the frames `batch` per write, the last with a receipt; wait for it."""
+    for start in range(0, len(frames), batch):
+        conn.send(b"".join(frames[start:start + batch]))
+    conn.send(frame("SEND", [("destination", "/topic/bench-barrier"), ("receipt", "done")]))
+    conn.wait_receipt("done", time.monotonic() + 600)
+
+
+def case_delayed(args):
+    """1,000,000 messages with deliver-at times, due over a window at --delayed-rate per
+    second, to one queue with a consumer already waiting: fill rate, broker RSS growth (the
+    messages must wait on disk), lateness (receive time - deliver-at), none early, and order.
+    They are sent in the order of their times, so that the order SPEC section 12 asks for
+    (priority, then age, among the messages ready) is the order of their times too."""
+    case = "delayed"
+    n = scaled(args.delayed, args.scale, 100)
+    dest = "/queue/" + lg.unique(case)
+    br = BrokerRun()
+    figs = []
+    try:
+        probe = br.probe
+        time.sleep(0.5)
+        idle = rss_settled(probe, 0.3)
+        probe.reset_hwm()
+        consumer_conn = Conn(HOST, br.port)
+        consumer_conn.send(frame("SUBSCRIBE", [("destination", dest), ("id", "1"),
+                                               ("ack", "auto"), ("receipt", "s")]))
+        consumer_conn.wait_receipt("s", time.monotonic() + 10)
+        window = n / args.delayed_rate
+        start_ms = int((time.time() + 5 + n / 20000.0) * 1000)    # after the fill
+        frames = [frame("SEND", [("destination", dest),
+                                 ("deliver-at", str(start_ms + int(k * window * 1000 / n)))],
+                        b"x" * 100) for k in range(n)]
+        consumer = Consumer(consumer_conn, n, time.monotonic() + 120 + 3 * window + n / 5000)
+        consumer.start()
+        producer = Conn(HOST, br.port)
+        t0, c0 = time.monotonic(), br.cpu()
+        send_all(producer, frames)
+        wall = time.monotonic() - t0
+        filled = probe.rss()
+        figs.append(fig(case, "fill msgs/s (delayed, until a RECEIPT after the last)", n / wall,
+                        "msg/s", {"broker_cpu": (br.cpu() - c0) / wall}))
+        figs.append(fig(case, "broker RSS growth after the fill", (filled - idle) / MiB, "MiB",
+                        {}, True, "idle %.1f MiB" % (idle / MiB)))
+        early = len(consumer.seen)
+        consumer.join()
+        got = consumer.seen
+        late = sorted(t - int(header(h, b"deliver-at")) / 1000.0 for _, t, h in got)
+        ids = [int(mid) for mid, _, _ in got]
+        disorder = sum(1 for a, b in zip(ids, ids[1:]) if b <= a)
+        too_early = sum(1 for x in late if x < -0.002)      # the same clock; 2 ms of rounding
+        ok = len(got) == n and not early and not too_early and consumer.error is None
+        notes = "received %d of %d; %d before the fill ended, %d before their time%s" % (
+            len(got), n, early, too_early, "; " + str(consumer.error) if consumer.error else "")
+        figs.append(fig(case, "delivered on time: p50 lateness", late[len(late) // 2] * 1000
+                        if late else None, "ms", {}, ok, notes))
+        figs.append(fig(case, "p99 lateness", late[int(len(late) * 0.99)] * 1000
+                        if late else None, "ms", {}, ok))
+        figs.append(fig(case, "max lateness", late[-1] * 1000 if late else None, "ms", {}, ok))
+        figs.append(fig(case, "messages out of order (message-id not increasing)", disorder, "",
+                        {}, disorder == 0))
+        figs.append(fig(case, "broker peak RSS (VmHWM)", (probe.hwm() or 0) / MiB, "MiB", {},
+                        True, "window %.0f s at %d msgs/s" % (window, args.delayed_rate)))
+        producer.close()
+        consumer_conn.close()
+    except (BenchError, OSError) as e:
+        figs.append(fail_fig(case, e, br))
+    return br.finish(case, figs)
+
+
+def nack_run(args, variant):
+    """One broker, `variant` "plain" (no max-deliveries: NACK twice, ACK the third delivery)
+    or "max-deliveries" (max-deliveries:3, NACK every delivery: dead-lettered after the third).
+    Three deliveries per message either way. Returns (deliveries/s, notes, ok, broker CPU)."""
+    n = scaled(args.nack_msgs, args.scale, 100)
+    dest = "/queue/" + lg.unique("nack")
+    br = BrokerRun()
+    try:
+        headers = [("max-deliveries", "3")] if variant == "max-deliveries" else []
+        producer = Conn(HOST, br.port)
+        send_all(producer, [frame("SEND", [("destination", dest)] + headers, b"x" * 100)
+                            for _ in range(n)])
+        conn = Conn(HOST, br.port)
+        consumer = Consumer(conn, 3 * n, time.monotonic() + 60 + n / 1000.0,
+                            lambda head, count: "ACK" if count == 3 and not headers else "NACK")
+        t0, c0 = time.monotonic(), br.cpu()
+        conn.send(frame("SUBSCRIBE", [("destination", dest), ("id", "1"),
+                                      ("ack", "client-individual"), ("prefetch", "100")]))
+        consumer.start()
+        consumer.join()
+        wall = time.monotonic() - t0
+        cpu = (br.cpu() - c0) / wall
+        left = lg.control_count(HOST, br.port, dest)
+        dead = lg.control_count(HOST, br.port, "/queue/DLQ." + dest[len("/queue/"):])
+        want_dead = n if headers else 0
+        ok = len(consumer.seen) == 3 * n and left == 0 and dead == want_dead
+        notes = "%d deliveries of %d messages; left %s, in the DLQ %s" % (
+            len(consumer.seen), n, left, dead)
+        producer.close()
+        conn.close()
+        return len(consumer.seen) / wall, notes, ok, cpu, br
+    except (BenchError, OSError) as e:
+        return None, str(e), False, 0.0, br
+
+
+def case_nack(args):
+    """A NACK-heavy load: every message delivered three times, plain NACKs against
+    max-deliveries with its dead-letter move, each --nack-repeat times on a fresh broker."""
+    figs, rates = [], {}
+    for variant in ("plain", "max-deliveries"):
+        runs = []
+        for _ in range(args.nack_repeat):
+            rate, notes, ok, cpu, br = nack_run(args, variant)
+            br.finish("nack_" + variant, [])
+            runs.append((rate or 0, notes, ok, cpu))
+        runs.sort()
+        rate, notes, ok, cpu = runs[len(runs) // 2]
+        rates[variant] = rate
+        figs.append(fig("nack_" + variant, "deliveries/s (median of %d)" % len(runs), rate,
+                        "msg/s", {"broker_cpu": cpu}, all(r[2] for r in runs), notes))
+    if rates["plain"]:
+        figs.append(fig("nack", "max-deliveries / plain", rates["max-deliveries"] / rates["plain"],
+                        "x", {}))
+    return figs
+
+
 CASES = {
     "subs_queue": lambda a: case_subs(a, "queue"),
     "subs_topic": lambda a: case_subs(a, "topic"),
     "queues": case_queues,
     "backlog": case_backlog,
     "costs": case_costs,
+    "delayed": case_delayed,
+    "nack": case_nack,
 }
 
 
@@ -1044,6 +1213,11 @@ def main(argv=None):
                     help="queue messages per `costs` measurement (topic: twice that)")
     ap.add_argument("--cost-repeat", type=int, default=3,
                     help="runs per `costs` measurement (the median is shown)")
+    ap.add_argument("--delayed", type=int, default=1000000, help="messages in `delayed`")
+    ap.add_argument("--delayed-rate", type=int, default=20000,
+                    help="messages per second that come due in `delayed`")
+    ap.add_argument("--nack-msgs", type=int, default=20000, help="messages per `nack` run")
+    ap.add_argument("--nack-repeat", type=int, default=3, help="runs per `nack` variant")
     ap.add_argument("--sample", type=int, default=1000, help="names checked with /control/")
     ap.add_argument("--flush-wait", type=float, default=3.0,
                     help="seconds to wait after the `queues` fill before measuring RSS")
