@@ -43,10 +43,8 @@ BUSY_TIMEOUT_MS = 100                # the longest wait for a lock held by anoth
                                     # reactor waits with it (5 s at start, when nothing waits)
 INSERT_ROWS = 100                   # rows per INSERT: 900 parameters, under sqlite's old 999
 COLUMNS = "id, queue, rank, ack_timeout, headers, body, deliveries, expires, ready_at"
-FETCH = (f"SELECT * FROM (SELECT {COLUMNS} FROM messages WHERE queue = ?1 AND rank = ?2"
-         f" AND id > ?3 ORDER BY id LIMIT ?4) UNION ALL SELECT * FROM (SELECT {COLUMNS} FROM"
-         " messages WHERE queue = ?1 AND rank > ?2 ORDER BY rank, id LIMIT ?4) ORDER BY rank, id"
-         " LIMIT ?4")
+FETCH = (f"SELECT {COLUMNS} FROM messages"
+         " WHERE queue = ? AND (rank, id) > (?, ?) ORDER BY rank, id LIMIT ?")
 
 
 @functools.lru_cache(maxsize=None)
