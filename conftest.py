@@ -1,14 +1,20 @@
 """Test harness for ocamlmq.py: a real broker process and a raw STOMP client.
 
 The tests are black-box: every test starts the real broker (`python3 ocamlmq.py ...`) on a free
-127.0.0.1 port with a database in the test's tmp_path, and talks to it over sockets.
+127.0.0.1 port with a database in the test's tmp_path, and talks to it over sockets.  The launcher
+and the connection come from testkit.py, which bench/ uses too.
 
-- `Broker` starts/stops/kill -9s/restarts one broker process on one database and port. Its stderr
-  goes to a file in tmp_path, which is attached to the report of a failing test.
-- `Client` speaks raw STOMP: `send_frame` writes exact bytes, `recv` parses exact frames (first
-  header wins, content-length honoured, EOL heart-beats counted).  Frames that arrive while a test
-  waits for something else (e.g. a MESSAGE before an awaited RECEIPT) are kept in a backlog and
-  handed out by the next `recv`/`wait_for`, so tests do not depend on incidental interleaving.
+- `Broker` (testkit.BrokerProcess) starts/stops/kill -9s/restarts one broker process on one
+  database and port. Its stderr goes to a file in tmp_path, which is attached to the report of a
+  failing test.
+- `Client` speaks raw STOMP: `send_frame` writes exact bytes (this file's `encode_frame` can write
+  malformed frames), `recv` reads frames with the broker's own parser (ocamlmq.FrameParser),
+  strictly: anything malformed (a header line without a colon, no NUL where content-length says,
+  bad content-length, invalid UTF-8, an undefined escape for the negotiated version) raises
+  ProtocolViolation.  Header values are kept as they are on the wire (first header wins), EOL
+  heart-beats are counted.  Frames that arrive while a test waits for something else (e.g. a
+  MESSAGE before an awaited RECEIPT) are kept in a backlog and handed out by the next
+  `recv`/`wait_for`, so tests do not depend on incidental interleaving.
 - The `broker` fixture is parametrized by `backend`: "sqlite" for every test, and "pg" as well for
   the tests marked `@pytest.mark.both_backends` (queue delivery, durability, restarts, control
   destinations).  The pg runs share one throwaway PostgreSQL cluster (pgserver.py), started the
@@ -23,23 +29,20 @@ import collections
 import itertools
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BROKER = os.path.join(HERE, "ocamlmq.py")
-HOST = "127.0.0.1"
+import ocamlmq
+import testkit
+from testkit import (BROKER, HERE, HOST, Closed, ProtocolViolation, free_port,  # noqa: F401
+                     read_http_response, ws_frame, ws_handshake)
 
 BACKENDS = ["sqlite", "pg"]     # "pg" only for tests marked both_backends
 REQUIRE_PG = os.environ.get("OCAMLMQ_REQUIRE_PG") == "1"
 
-START_TIMEOUT = 10.0   # seconds for the broker to accept connections
-STOP_TIMEOUT = 10.0    # seconds for SIGTERM to end it before SIGKILL
 RECV_TIMEOUT = 5.0     # default wait for an expected frame
 QUIET = 0.5            # how long "nothing arrives" is watched
 
@@ -74,11 +77,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
 
 def run_cli(args, timeout=15.0, cwd=HERE):
     """Run the broker with `args` to completion (for CLI tests that expect it to exit)."""
@@ -86,164 +84,46 @@ def run_cli(args, timeout=15.0, cwd=HERE):
                           text=True, timeout=timeout)
 
 
+
+
 # --------------------------------------------------------------------------------------------
 # Broker process
 # --------------------------------------------------------------------------------------------
 
-class Broker:
-    """One broker process bound to one port and one database; restartable on both."""
+class Broker(testkit.BrokerProcess):
+    """One broker process bound to one port and one database; restartable on both.  The
+    clients it made are closed when it stops."""
 
     def __init__(self, tmp_path, backend="sqlite", flags=(), name="broker", port=None,
                  soft_nofile=None, conninfo=None):
+        if backend not in ("sqlite", "pg"):
+            raise NotImplementedError(f"backend {backend!r}")
+        assert backend == "sqlite" or conninfo is not None, "a pg Broker needs a conninfo"
+        super().__init__(tmp_path, flags, pg=conninfo if backend == "pg" else None, name=name,
+                         port=port, soft_nofile=soft_nofile, defaults=DEFAULT_FLAGS)
         self.tmp_path = tmp_path
         self.backend = backend
-        self.conninfo = conninfo          # pg: libpq conninfo of this broker's database
-        self.flags = list(flags)
-        self.name = name
-        self.auto_port = port is None
-        self.port_retries = 0
-        self.port = port or free_port()
-        self.host = HOST
-        if "-address" in self.flags:
-            addr = self.flags[self.flags.index("-address") + 1]
-            self.host = HOST if addr in ("0.0.0.0", "::") else addr
-        self.db = str(tmp_path / f"{name}.db")
-        self.soft_nofile = soft_nofile     # start the broker with this soft RLIMIT_NOFILE
-        self.proc = None
-        self.runs = 0
-        self.returncodes = []
         self.clients = []
-        self.stderr_paths = []
-
-    def storage_args(self):
-        if self.backend == "sqlite":
-            return [self.db]
-        if self.backend == "pg":
-            assert self.conninfo is not None, "a pg Broker needs a conninfo"
-            return ["-pg", self.conninfo]
-        raise NotImplementedError(f"backend {self.backend!r}")
-
-    def argv(self):
-        flags = list(self.flags)
-        for flag, value in DEFAULT_FLAGS.items():
-            if flag not in flags:
-                flags += [flag, value]
-        return [sys.executable, BROKER, "-port", str(self.port), *flags, *self.storage_args()]
-
-    def start(self):
-        assert self.proc is None or self.proc.poll() is not None, "broker already running"
-        self.runs += 1
-        err_path = self.tmp_path / f"{self.name}-run{self.runs}.stderr"
-        self.stderr_paths.append(err_path)
-        with open(err_path, "wb") as err, open(self.tmp_path / f"{self.name}-run{self.runs}.stdout", "wb") as out:
-            self.proc = subprocess.Popen(self.argv(), cwd=HERE, stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, preexec_fn=self._preexec)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                if self.runs == 1 and self.auto_port and self.proc.returncode == 1 \
-                        and self.port_retries < 3:
-                    # another process took our free port in the meantime: pick another one
-                    self.port_retries += 1
-                    self.port = free_port()
-                    self.runs = 0
-                    self.stderr_paths.pop()
-                    return self.start()
-                raise AssertionError(f"broker exited with {self.proc.returncode} at start:\n"
-                                     f"{self.stderr()}")
-            if self._listening():
-                return self
-            if time.monotonic() > deadline:
-                self.kill9()
-                raise AssertionError(f"broker did not accept connections within "
-                                     f"{START_TIMEOUT}s:\n{self.stderr()}")
-            time.sleep(0.05)
-
-    def _listening(self):
-        """True once *our* process listens on the port (on Linux, checked in /proc, so a
-        stranger that grabbed the port is not mistaken for our broker)."""
-        if not os.path.isdir(f"/proc/{self.proc.pid}/fd"):
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.5).close()
-                return self.proc.poll() is None
-            except OSError:
-                return False
-        try:
-            inodes = set()
-            for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
-                link = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
-            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-                with open(table) as f:
-                    for line in f.readlines()[1:]:
-                        parts = line.split()
-                        if (parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == self.port
-                                and parts[9] in inodes):
-                            return True
-        except OSError:
-            pass
-        return False
-
-    def _preexec(self):
-        if self.soft_nofile is not None:
-            import resource
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            resource.setrlimit(resource.RLIMIT_NOFILE, (self.soft_nofile, hard))
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def _signal_and_wait(self, sig):
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-                self.returncodes.append("timeout")
-                return "timeout"
-        rc = self.proc.returncode
-        self.returncodes.append(rc)
-        return rc
 
     def stop(self, sig=signal.SIGTERM):
         """Stop with SIGTERM (or `sig`); returns the exit code, or "timeout" if SIGKILL was needed."""
         self.close_clients()
-        return self._signal_and_wait(sig)
+        return super().stop(sig)
 
     def terminate(self, sig=signal.SIGTERM):
         """Signal the broker while clients stay open; returns the exit code."""
-        return self._signal_and_wait(sig)
+        return super().stop(sig)
 
     def kill9(self, close_clients=True):
-        rc = self._signal_and_wait(signal.SIGKILL)
+        rc = super().stop(signal.SIGKILL)
         if close_clients:
             self.close_clients()
-        return rc
-
-    def restart(self):
-        rc = self.stop()
-        self.start()
         return rc
 
     def close_clients(self):
         for c in self.clients:
             c.close()
         self.clients = []
-
-    def stderr(self, run=None):
-        paths = self.stderr_paths if run is None else [self.stderr_paths[run - 1]]
-        out = []
-        for p in paths:
-            try:
-                out.append(p.read_text(errors="replace"))
-            except OSError:
-                pass
-        return "".join(out)
 
     # clients --------------------------------------------------------------------------------
 
@@ -263,10 +143,6 @@ class Broker:
 # --------------------------------------------------------------------------------------------
 # Raw STOMP client
 # --------------------------------------------------------------------------------------------
-
-class Closed(Exception):
-    """The broker closed the connection."""
-
 
 class Frame:
     __slots__ = ("command", "headers", "header_list", "body")
@@ -293,12 +169,56 @@ class Frame:
         return f"<{self.command} {self.header_list!r} {body!r}>"
 
 
-class ProtocolViolation(AssertionError):
-    pass
+class StrictParser(ocamlmq.FrameParser):
+    """The broker's parser (its checks, for the version set in `version`), without its size
+    limits, plus what tests look at: the header lines as written (no unescaping, no trimming),
+    the EOL heart-beats between frames (not a frame's trailing EOL), and the byte after each
+    frame's NUL."""
+
+    def __init__(self):
+        super().__init__(max_frame_size=1 << 62, max_headers=1 << 62, max_line=1 << 62)
+        self.heartbeats = 0
+        self.heartbeat_times = []
+        self.after_nul = []          # the byte after each frame's NUL, when seen
+        self.trailer_pending = False
+        self.header_list = None
+
+    def _skip_eols(self):
+        buf, start = self.buffer, self.pos
+        if self.after_nul and self.after_nul[-1] is None and start < len(buf):
+            self.after_nul[-1] = bytes(buf[start:start + 1])
+        super()._skip_eols()
+        eols = buf.count(b"\n", start, self.pos)
+        if eols and self.trailer_pending:       # the EOL that ends the previous frame
+            eols -= 1
+            self.trailer_pending = False
+        if self.pos < len(buf):
+            self.trailer_pending = False
+        self.heartbeats += eols
+        self.heartbeat_times += [time.monotonic()] * eols
+
+    def _parse_head(self, head):
+        result = super()._parse_head(head)
+        lines = head.decode().replace("\r\n", "\n").split("\n")[1:-2]
+        self.header_list = [tuple(line.split(":", 1)) for line in lines]
+        return result
+
+    def next_frame(self):
+        try:
+            f = super().next_frame()
+        except ocamlmq.ProtocolError as e:
+            raise ProtocolViolation(f"malformed frame from the broker: {e}: "
+                                    f"{bytes(self.buffer[self.pos:self.pos + 200])!r}") from None
+        if f is None:
+            return None
+        self.trailer_pending = True
+        self.after_nul.append(bytes(self.buffer[self.pos:self.pos + 1]) or None)
+        return Frame(f.command, self.header_list, f.body)
 
 
 def encode_frame(command, headers=(), body=b"", content_length=None, eol=b"\n"):
-    """Bytes of one frame; headers is a dict or a list of (name, value) pairs, written as given.
+    """Bytes of one frame; headers is a dict or a list of (name, value) pairs, written as given
+    (no escaping: tests write exact, even malformed, frames).
     content_length: None -> added when the body is not empty; True/False force it; an int/str is
     written as is."""
     if isinstance(body, str):
@@ -322,34 +242,24 @@ def encode_frame(command, headers=(), body=b"", content_length=None, eol=b"\n"):
     return b"".join(out)
 
 
-class Client:
+class Client(testkit.Connection):
     _ids = itertools.count(1)
 
-    def __init__(self, port, timeout=RECV_TIMEOUT, host=HOST, rcvbuf=None):
-        self.port = port
-        self.timeout = timeout
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:          # before connect, so the TCP window really is small
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.connect((host, port))
-        self.buf = bytearray()
+    def __init__(self, port, timeout=RECV_TIMEOUT, host=HOST, rcvbuf=None, **kw):
+        super().__init__(port, host=host, timeout=timeout, rcvbuf=rcvbuf, parser=StrictParser(),
+                         **kw)
         self.backlog = collections.deque()
-        self.heartbeats = 0          # EOLs received between frames (not a frame's trailing EOL)
-        self._trailer_pending = False
-        self.heartbeat_times = []
-        self.eof = False
         self.version = None
         self.connected = None
-        self.after_nul = []          # the byte after each frame's NUL, when seen
         self._rid = itertools.count(1)
         self._sid = itertools.count(1)
         self.name = f"c{next(self._ids)}"
 
-    # --- bytes -------------------------------------------------------------------------------
+    heartbeats = property(lambda self: self.parser.heartbeats)
+    heartbeat_times = property(lambda self: self.parser.heartbeat_times)
+    after_nul = property(lambda self: self.parser.after_nul)
 
-    def send_raw(self, data):
-        self.sock.sendall(data)
+    # --- bytes -------------------------------------------------------------------------------
 
     def send_frame(self, command, headers=(), body=b"", content_length=None, eol=b"\n"):
         self.send_raw(encode_frame(command, headers, body, content_length, eol))
@@ -357,110 +267,22 @@ class Client:
     def heartbeat(self):
         self.send_raw(b"\n")
 
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def drop(self):
-        """Close abruptly with a TCP reset (no DISCONNECT, no FIN)."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        self.close()
-
-    def _fill(self, deadline):
-        """Read more bytes; raise Closed on EOF, TimeoutError at the deadline."""
-        if self.eof:
-            raise Closed()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError()
-        self.sock.settimeout(min(remaining, self.timeout if self.timeout else remaining))
-        try:
-            data = self.sock.recv(1 << 20)
-        except socket.timeout:
-            raise TimeoutError()
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-            data = b""
-        if not data:
-            self.eof = True
-            raise Closed()
-        self.buf += data
-
-    def _parse(self):
-        """One complete frame from the buffer, or None if more bytes are needed."""
-        buf = self.buf
-        i = 0
-        n = len(buf)
-        while i < n:
-            if buf[i] == 0x0A:
-                i += 1
-            elif buf[i] == 0x0D and i + 1 < n and buf[i + 1] == 0x0A:
-                i += 2
-            else:
-                break
-            if self._trailer_pending:       # the EOL that ends the previous frame
-                self._trailer_pending = False
-                continue
-            self.heartbeats += 1
-            self.heartbeat_times.append(time.monotonic())
-        if i:
-            if self.after_nul and self.after_nul[-1] is None:
-                self.after_nul[-1] = bytes(buf[:1])
-            del buf[:i]
-        if not buf:
-            return None
-        if self.after_nul and self.after_nul[-1] is None:
-            self.after_nul[-1] = bytes(buf[:1])
-        self._trailer_pending = False
-        a = buf.find(b"\n\n")
-        b = buf.find(b"\n\r\n")
-        ends = [(p, sep) for p, sep in ((a, 2), (b, 3)) if p >= 0]
-        if not ends:
-            return None
-        pos, sep = min(ends)
-        lines = bytes(buf[:pos]).split(b"\n")
-        lines = [l[:-1] if l.endswith(b"\r") else l for l in lines]
-        command = lines[0].decode("utf-8", "replace")
-        header_list = []
-        for line in lines[1:]:
-            if b":" not in line:
-                raise ProtocolViolation(f"header line without colon from broker: {line!r}")
-            k, v = line.split(b":", 1)
-            header_list.append((k.decode("utf-8", "replace"), v.decode("utf-8", "replace")))
-        start = pos + sep
-        cl = None
-        for k, v in header_list:
-            if k == "content-length":
-                cl = int(v)
-                break
-        if cl is not None:
-            if len(buf) < start + cl + 1:
-                return None
-            if buf[start + cl] != 0:
-                raise ProtocolViolation(f"no NUL after content-length {cl} body: {bytes(buf[:start + cl + 1])[:200]!r}")
-            body = bytes(buf[start:start + cl])
-            end = start + cl + 1
-        else:
-            z = buf.find(b"\x00", start)
-            if z < 0:
-                return None
-            body = bytes(buf[start:z])
-            end = z + 1
-        del buf[:end]
-        self._trailer_pending = True
-        self.after_nul.append(bytes(buf[:1]) if buf else None)
-        return Frame(command, header_list, body)
+    def take_bytes(self):
+        """The bytes received but not parsed yet, taken out of the parser."""
+        data = bytes(self.parser.buffer[self.parser.pos:])
+        self.parser.discard()
+        return data
 
     def _read_frame(self, deadline):
+        """The next frame; raises Closed on EOF, TimeoutError at the deadline (or when one read
+        waited for this client's timeout)."""
         while True:
-            f = self._parse()
+            f = self.parser.next_frame()
             if f is not None:
                 return f
-            self._fill(deadline)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.fill(min(remaining, self.timeout or remaining)):
+                raise TimeoutError()
 
     # --- frames ------------------------------------------------------------------------------
 
@@ -588,6 +410,7 @@ class Client:
         assert f.command == "CONNECTED", f"expected CONNECTED, got {f!r}"
         self.connected = f
         self.version = f.get("version", "1.0")
+        self.parser.version = self.version      # escapes are checked for this version from now on
         return f
 
     def send(self, destination, body=b"", receipt=True, headers=None, content_length=None, **kw):
@@ -897,139 +720,36 @@ def pytest_runtest_makereport(item, call):
 # STOMP over WebSocket (RFC 6455) and over TLS
 # --------------------------------------------------------------------------------------------
 
-def ws_frame(payload, opcode=1, fin=True, mask=b"\x11\x22\x33\x44"):
-    """One client-to-server WebSocket frame (masked unless mask is None)."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    length = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big") if n < 65536 \
-        else bytes([127]) + n.to_bytes(8, "big")
-    if mask is None:
-        return head + length + payload
-    head += bytes([length[0] | 0x80]) + length[1:] + mask
-    return head + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def ws_handshake(sock, host="127.0.0.1", path="/", protocols="v10.stomp,v11.stomp,v12.stomp",
-                 origin=None, key="dGhlIHNhbXBsZSBub25jZQ==", extra=()):
-    """Send an upgrade request; return (status, headers dict, bytes after the response)."""
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
-             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
-    if protocols is not None:
-        lines.append(f"Sec-WebSocket-Protocol: {protocols}")
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
-    lines += list(extra)
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    return read_http_response(sock)
-
-
-def read_http_response(sock):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    return int(status_line.split()[1]), headers, rest
-
-
 class WsClient(Client):
     """The raw STOMP client of above, its bytes carried in WebSocket messages: what it sends
     is one masked text message per send_raw (or split in `fragments`), and what it receives is
     unwrapped; `messages` keeps the (opcode, payload) of every message received."""
 
+    keep_messages = True
+
     def __init__(self, port, timeout=RECV_TIMEOUT, host=HOST, tls_context=None, **handshake):
-        super().__init__(port, timeout=timeout, host=host)
-        if tls_context is not None:
-            self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
-        self.status, self.http_headers, self.wsbuf = ws_handshake(self.sock, **handshake)
-        assert self.status == 101, f"handshake answered {self.status}"
-        self.messages = []
-        self.close_code = None
-        self.pongs = []
+        super().__init__(port, timeout=timeout, host=host, tls_context=tls_context,
+                         transport="ws" if tls_context is None else "wss", **handshake)
 
     def send_raw(self, data, fragments=1, opcode=1):
-        if fragments == 1:
-            self.sock.sendall(ws_frame(data, opcode))
-            return
-        step = -(-len(data) // fragments)
-        parts = [data[i:i + step] for i in range(0, len(data), step)]
+        step = -(-len(data) // fragments) if data else 1
+        parts = [data[i:i + step] for i in range(0, len(data), step)] or [data]
         for i, part in enumerate(parts):
             self.sock.sendall(ws_frame(part, opcode if i == 0 else 0, fin=i == len(parts) - 1))
-
-    def _fill(self, deadline):
-        while True:
-            frame = self._ws_frame()
-            if frame is not None:
-                opcode, payload = frame
-                if opcode in (1, 2):
-                    self.messages.append((opcode, payload))
-                    self.buf += payload
-                    return
-                if opcode == 8:
-                    self.close_code = int.from_bytes(payload[:2], "big") if payload else None
-                    self.eof = True
-                    raise Closed()
-                if opcode == 10:
-                    self.pongs.append(payload)
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError()
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(1 << 20)
-            except socket.timeout:
-                raise TimeoutError()
-            except (ConnectionResetError, BrokenPipeError):
-                data = b""
-            if not data:
-                self.eof = True
-                raise Closed()
-            self.wsbuf += data
-
-    def _ws_frame(self):
-        """(opcode, payload) of the next whole server frame in the buffer, or None."""
-        buf = self.wsbuf
-        if len(buf) < 2:
-            return None
-        assert not buf[1] & 0x80, "a server frame must not be masked"
-        n, start = buf[1] & 0x7F, 2
-        if n == 126:
-            n, start = int.from_bytes(buf[2:4], "big"), 4
-        elif n == 127:
-            n, start = int.from_bytes(buf[2:10], "big"), 10
-        if len(buf) < start + n:
-            return None
-        assert buf[0] & 0x80, "the broker sends each frame as one whole message"
-        self.wsbuf = buf[start + n:]
-        return buf[0] & 0x0F, buf[start:start + n]
 
 
 class TlsClient(Client):
     """The raw STOMP client of above, over TLS."""
 
     def __init__(self, port, tls_context, **kw):
-        super().__init__(port, **kw)
-        self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
+        super().__init__(port, transport="tls", tls_context=tls_context, **kw)
 
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """(certificate, key) PEM files of a self-signed certificate for localhost/127.0.0.1."""
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
+    return testkit.self_signed_cert(str(tmp_path_factory.mktemp("tls")))
+
 
 
 @pytest.fixture

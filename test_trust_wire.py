@@ -72,8 +72,7 @@ def split_frame(data):
 def raw_frames(c, n, timeout=RECV_TIMEOUT):
     """The next `n` frames `c` receives, each (command, raw header lines, body), read as bytes."""
     assert not c.backlog, f"{c.name}: frames already parsed: {list(c.backlog)!r}"
-    data, frames = bytes(c.buf), []
-    c.buf.clear()
+    data, frames = c.take_bytes(), []
     deadline = time.monotonic() + timeout
     while len(frames) < n:
         got = split_frame(data)
@@ -87,14 +86,13 @@ def raw_frames(c, n, timeout=RECV_TIMEOUT):
         chunk = c.sock.recv(65536)
         assert chunk, f"{c.name}: closed after {frames!r}, then {data!r}"
         data += chunk
-    c.buf += data
+    c.parser.feed(data)
     return frames
 
 
 def raw_until_closed(c, timeout=RECV_TIMEOUT):
     """Every byte `c` receives until the broker closes the connection."""
-    data = bytes(c.buf)
-    c.buf.clear()
+    data = c.take_bytes()
     c.sock.settimeout(timeout)
     while chunk := c.sock.recv(65536):
         data += chunk
