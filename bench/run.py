@@ -20,20 +20,20 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import shutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import loadgen  # noqa: E402
+import testkit  # noqa: E402
 
 # Longest each case may take (seconds); the overall --budget caps the sum.
 CASE_TIMEOUT = {"queue": 60, "durable4": 30, "durable16": 30, "topic": 45, "topic_prefix": 45,
@@ -41,96 +41,49 @@ CASE_TIMEOUT = {"queue": 60, "durable4": 30, "durable16": 30, "topic": 45, "topi
                 "queue_tls": 60, "topic_ws": 45, "topic_tls": 45}
 
 
-class Broker:
-    """ocamlmq.py started from the checkout on a free port with a temp database."""
+class Broker(testkit.BrokerProcess):
+    """ocamlmq.py from the checkout (testkit.BrokerProcess) on a free port with its database in a
+    new temp dir, and with `transport` != "tcp" also on a WebSocket or TLS port
+    (`transport_port`); started at once.  stop() removes the temp dir and sets `exit_note` when
+    the stop was not clean."""
 
     def __init__(self, backend="sqlite", pg=None, extra=(), login=None, passcode=None,
                  transport="tcp"):
         self.tmp = tempfile.mkdtemp(prefix="ocamlmq-bench-")
-        self.port = self.transport_port = free_port()
-        self.cmd = [sys.executable, os.path.join(ROOT, "ocamlmq.py"), "-port", str(self.port)]
-        if transport != "tcp":        # the same broker, also on a WebSocket or TLS port
-            self.transport_port = free_port()
-            self.cmd += ["-%s-port" % transport, str(self.transport_port)]
+        flags = []
+        self.transport_port = None
+        if transport != "tcp":
+            self.transport_port = testkit.free_port()
+            flags += ["-%s-port" % transport, str(self.transport_port)]
         if transport == "tls":
-            cert, key = os.path.join(self.tmp, "cert.pem"), os.path.join(self.tmp, "key.pem")
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
-                            "1", "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
-                           check=True, capture_output=True, timeout=60)
-            self.cmd += ["-tls-cert", cert, "-tls-key", key]
+            cert, key = testkit.self_signed_cert(self.tmp)
+            flags += ["-tls-cert", cert, "-tls-key", key]
         if login is not None:
-            self.cmd += ["-login", login, "-passcode", passcode or ""]
-        self.cmd += list(extra)
-        if backend == "pg":
-            self.cmd += ["-pg", pg]
-        else:
-            self.cmd.append(os.path.join(self.tmp, "bench.db"))
-        self.log_path = os.path.join(self.tmp, "broker.log")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=self.tmp, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     preexec_fn=loadgen.die_with_parent)
-        self.probe = loadgen.ProcProbe(self.proc.pid)
+            flags += ["-login", login, "-passcode", passcode or ""]
+        super().__init__(self.tmp, flags + list(extra), pg=pg if backend == "pg" else None,
+                         name="bench", start_timeout=15.0, stop_timeout=15.0, orphan_stop=True)
         self.exit_note = None
         self.stop_s = None
-        self._wait_up(login, passcode)
-
-    def _wait_up(self, login, passcode, timeout=15.0):
-        end = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise loadgen.BenchError("broker exited with code %s at start: %s"
-                                         % (self.proc.returncode, self.log_tail()))
-            try:
-                c = loadgen.Conn("127.0.0.1", self.port, login, passcode, timeout=2.0)
-                c.close()
-                return
-            except (OSError, loadgen.BenchError) as e:
-                last = e
-                time.sleep(0.1)
-        self.stop()
-        raise loadgen.BenchError("broker not accepting STOMP connections after %.0f s (%s): %s"
-                                 % (timeout, last, self.log_tail()))
-
-    def alive(self):
-        return self.proc.poll() is None
+        try:
+            self.start()
+        except testkit.BrokerError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        self.transport_port = self.transport_port or self.port
 
     def log_tail(self, n=800):
-        try:
-            self.log.flush()
-            with open(self.log_path, "rb") as f:
-                data = f.read()
-            return data[-n:].decode("utf-8", "replace").strip() or "(no output)"
-        except OSError:
-            return "(no log)"
+        return self.stderr()[-n:].strip() or "(no output)"
 
     def stop(self):
         """SIGTERM, wait up to 15 s, then SIGKILL.  Sets exit_note when that was not clean."""
         t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5.0)
-                self.exit_note = "broker ignored SIGTERM for 15 s; killed"
+        rc = super().stop()
         self.stop_s = time.monotonic() - t0
-        rc = self.proc.returncode
-        if self.exit_note is None and rc not in (0,):
+        if rc == "timeout":
+            self.exit_note = "broker ignored SIGTERM for 15 s; killed"
+        elif rc != 0:
             self.exit_note = "broker exit code %s after SIGTERM: %s" % (rc, self.log_tail(300))
-        self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def run_case(name, args, timeout):
@@ -152,7 +105,7 @@ def run_case(name, args, timeout):
         figs = loadgen.CASES[name](env)
         for f in figs:
             f["case"] = name
-    except (loadgen.BenchError, OSError) as e:
+    except loadgen.FAILURES as e:
         note = "FAILED: %s: %s" % (type(e).__name__, e)
         if broker is not None and not broker.alive():
             note += " | broker died (exit %s): %s" % (broker.proc.returncode, broker.log_tail())
