@@ -6,8 +6,9 @@ generator is not what limits the figures, and each process measures its own CPU 
 (resource.getrusage) over the measured phase; the figures are always reported next to that CPU.
 
 Frames are pipelined: producers build a few hundred frames into one bytes buffer and sendall it;
-consumers parse everything a recv() returned (content-length honoured) and answer all the ACKs of
-that read in one sendall.
+consumers parse everything a recv() returned and answer all the ACKs of that read in one sendall.
+Connections are testkit.Connection (../testkit.py, shared with the tests): frames are read with
+the broker's own ocamlmq.FrameParser and written with ocamlmq.encode_frame.
 
 How a case runs (see `run_workers`):
   1. the parent forks one worker per connection; each connects, subscribes (waiting for the RECEIPT

@@ -30,8 +30,8 @@ new temp dir; stopped with SIGTERM, then SIGKILL):
   nack        every message delivered three times: plain NACKs (ACK on the third) against
               max-deliveries:3 with NACK every time (then the dead-letter move), deliveries/s.
 
-It reuses bench/loadgen.py (framing, connections, the worker-process harness, worker roles,
-/proc probe) and bench/run.py (starting and stopping the broker, the table).  Standard library only.
+It reuses bench/loadgen.py (connections, the worker-process harness, worker roles) and
+bench/run.py (starting and stopping the broker, the table), both built on ../testkit.py.
 Every socket has a timeout and every wait a deadline; all connections go to 127.0.0.1.
 """
 
