@@ -6,9 +6,8 @@ generator is not what limits the figures, and each process measures its own CPU 
 (resource.getrusage) over the measured phase; the figures are always reported next to that CPU.
 
 Frames are pipelined: producers build a few hundred frames into one bytes buffer and sendall it;
-consumers parse everything a recv() returned and answer all the ACKs of that read in one sendall.
-Connections are testkit.Connection (../testkit.py, shared with the tests): frames are read with
-the broker's own ocamlmq.FrameParser and written with ocamlmq.encode_frame.
+consumers parse everything a recv() returned (content-length honoured) and answer all the ACKs of
+that read in one sendall.
 
 How a case runs (see `run_workers`):
   1. the parent forks one worker per connection; each connects, subscribes (waiting for the RECEIPT
@@ -41,14 +40,15 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import resource
+import socket
+import ssl
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import testkit  # noqa: E402
-from ocamlmq import ProtocolError, encode_frame as frame  # noqa: E402,F401
-from testkit import ProcProbe, die_with_parent  # noqa: E402,F401
+from testkit import BrokerError, ProcProbe, die_with_parent  # noqa: E402,F401
 
+RECV_SIZE = 1 << 18
 SOCK_TIMEOUT = 10.0          # any single blocking socket operation
 POLL = 0.1                   # recv timeout while also watching a shared condition
 
@@ -57,59 +57,168 @@ class BenchError(Exception):
     """A protocol or broker failure seen by the load generator."""
 
 
-FAILURES = (BenchError, OSError, testkit.BrokerError)   # what fails a case (not the run)
+FAILURES = (BenchError, OSError, BrokerError)   # what fails a case (not the whole run)
 
 
 # --------------------------------------------------------------------------------------------
-# Connection: a testkit.Connection (what arrives is parsed by ocamlmq.FrameParser; what is sent
-# is made by ocamlmq.encode_frame, here called `frame`)
+# Framing (client side)
 
-class Conn(testkit.Connection):
+def frame(command, headers=(), body=b""):
+    """Encode one client frame.  headers: iterable of (name, value) str pairs (no escaping needed
+    for the values we use)."""
+    head = command + "\n" + "".join("%s:%s\n" % (k, v) for k, v in headers) + "\n"
+    return head.encode() + body + b"\0"
+
+
+def header(head, name):
+    """Value (bytes) of header `name` (bytes, e.g. b"ack") in a raw header block, first one wins;
+    None if absent.  `head` is the raw bytes before the blank line, command line included."""
+    key = b"\n" + name + b":"
+    i = head.find(key)
+    if i < 0:
+        return None
+    i += len(key)
+    j = head.find(b"\n", i)
+    v = head[i:] if j < 0 else head[i:j]
+    return v[:-1] if v.endswith(b"\r") else v
+
+
+def command_of(head):
+    i = head.find(b"\n")
+    c = head if i < 0 else head[:i]
+    return c[:-1] if c.endswith(b"\r") else c
+
+
+class FrameReader:
+    """Incremental parser for broker->client frames.  feed(data) returns a list of (head, body):
+    head is the raw header block (command line first, bytes), body the payload.  A frame with
+    content-length is cut by length (bodies may hold NUL), otherwise at the first NUL.  EOLs
+    between frames (heart-beats, the broker's trailing "\\n") are skipped."""
+
+    __slots__ = ("buf", "max_frame")
+
+    def __init__(self, max_frame=64 << 20):
+        self.buf = b""
+        self.max_frame = max_frame
+
+    def feed(self, data):
+        buf = self.buf + data if self.buf else data
+        n = len(buf)
+        pos = 0
+        out = []
+        append = out.append
+        while True:
+            while pos < n and buf[pos] in (10, 13):
+                pos += 1
+            if pos >= n:
+                break
+            hend = buf.find(b"\n\n", pos)
+            if hend < 0:
+                # CRLF line endings: the header block ends with "\r\n\r\n"
+                hend2 = buf.find(b"\n\r\n", pos)
+                if hend2 < 0:
+                    if n - pos > self.max_frame:
+                        raise BenchError("frame header too long")
+                    break
+                hend, skip = hend2, 3
+            else:
+                # a CRLF frame whose blank line is "\r\n" after "\r\n" also contains "\n\r\n"
+                # before any "\n\n"; check that only when the command line uses CR
+                skip = 2
+                nl = buf.find(b"\n", pos)
+                if nl > pos and buf[nl - 1] == 13:
+                    h2 = buf.find(b"\n\r\n", pos, hend + 1)
+                    if h2 >= 0:
+                        hend, skip = h2, 3
+            head = buf[pos:hend]
+            bstart = hend + skip
+            i = head.find(b"\ncontent-length:")
+            if i >= 0:
+                j = head.find(b"\n", i + 16)
+                v = head[i + 16:] if j < 0 else head[i + 16:j]
+                try:
+                    length = int(v.strip())
+                except ValueError:
+                    raise BenchError("bad content-length %r" % v)
+                bend = bstart + length
+                if bend >= n:
+                    if length > self.max_frame:
+                        raise BenchError("frame too large")
+                    break
+                if buf[bend] != 0:
+                    raise BenchError("frame not NUL-terminated after content-length")
+            else:
+                bend = buf.find(b"\0", bstart)
+                if bend < 0:
+                    break
+            append((head, buf[bstart:bend]))
+            pos = bend + 1
+        self.buf = buf[pos:] if pos < n else b""
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Connection
+
+class Conn:
     """One STOMP 1.2 connection on a blocking socket with a timeout, over plain TCP or one of
-    the broker's other transports: "tls", "ws" (STOMP over WebSocket, binary messages) or
-    "wss".  Frames are ocamlmq.Frame (command, headers dict, body)."""
-
-    ws_opcode = 2
+    the broker's other transports: "tls", "ws" (STOMP over WebSocket) or "wss"."""
 
     def __init__(self, host, port, login=None, passcode=None, timeout=SOCK_TIMEOUT,
                  transport="tcp"):
-        super().__init__(port, host=host, timeout=timeout, transport=transport, nodelay=True,
-                         **({"protocols": "v12.stomp"} if transport in ("ws", "wss") else {}))
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if transport in ("tls", "wss"):
+            context = ssl.create_default_context()
+            context.check_hostname = False           # the bench's self-signed certificate
+            context.verify_mode = ssl.CERT_NONE
+            self.sock = context.wrap_socket(self.sock)
+        self.ws = WsFraming(self.sock, host) if transport in ("ws", "wss") else None
+        self.reader = FrameReader()
         self.pending = []            # frames read but not yet consumed by wait_*
         hdrs = [("accept-version", "1.2"), ("host", "localhost")]
         if login is not None:
             hdrs += [("login", login), ("passcode", passcode or "")]
         self.send(frame("CONNECT", hdrs))
-        f = self.next_frame(time.monotonic() + timeout)
-        if f.command != "CONNECTED":
-            raise BenchError("CONNECT answered with %r" % f)
-        self.version = self.parser.version = f.headers.get("version", "1.0")
+        head, _ = self.next_frame(time.monotonic() + timeout)
+        if command_of(head) != b"CONNECTED":
+            raise BenchError("CONNECT answered with %r" % head[:200])
+        self.version = header(head, b"version")
 
-    send = testkit.Connection.send_raw
+    def send(self, data):
+        self.sock.sendall(data if self.ws is None else self.ws.wrap(data))
 
-    def ack_frame(self, f, command="ACK", extra=()):
-        """The ACK (or NACK) for a MESSAGE: by its `ack` header in 1.2, by message-id
-        (+ subscription) when the broker negotiated 1.0 / 1.1; `extra` headers after those."""
-        h = f.headers
-        if self.version == "1.2" and "ack" in h:
-            return frame(command, [("id", h["ack"]), *extra])
-        mid = h["message-id"]
-        return frame(command, [("id", mid), ("message-id", mid)]
-                     + ([("subscription", h["subscription"])] if "subscription" in h else [])
-                     + list(extra))
+    def ack_frame(self, head, mid):
+        """The ACK for a MESSAGE (raw header block `head`, its message-id `mid`): by the `ack`
+        header in 1.2, by message-id (+ subscription) when the broker negotiated 1.0 / 1.1."""
+        if self.version == b"1.2":
+            aid = header(head, b"ack")
+            if aid is not None:
+                return b"ACK\nid:" + aid + b"\n\n\0"
+        sub = header(head, b"subscription")   # 1.0 / 1.1, or a 1.2 broker that sent no `ack`
+        return (b"ACK\nid:" + mid + b"\nmessage-id:" + mid
+                + (b"\nsubscription:" + sub if sub else b"") + b"\n\n\0")
 
     def recv_frames(self, timeout=None):
-        """Read once (waiting up to `timeout`, default the connection's) and return parsed
-        frames; [] on timeout.  Raises BenchError on EOF or on an ERROR frame."""
+        """Read once (waiting up to `timeout`, default the socket's) and return parsed frames;
+        [] on timeout.  Raises BenchError on EOF or on an ERROR frame."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
         try:
-            frames = self.read_frames(self.timeout if timeout is None else timeout)
-        except testkit.Closed:
-            raise BenchError("connection closed by broker") from None
-        except ProtocolError as e:
-            raise BenchError("malformed frame from the broker: %s" % e) from None
-        for f in frames:
-            if f.command == "ERROR":
-                raise BenchError("ERROR frame: %r" % f)
+            data = self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            return []
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(SOCK_TIMEOUT)
+        if not data:
+            raise BenchError("connection closed by broker")
+        if self.ws is not None:
+            data = self.ws.unwrap(data)
+        frames = self.reader.feed(data)
+        for head, body in frames:
+            if head.startswith(b"ERROR"):
+                raise BenchError("ERROR frame: %r %r" % (head[:300], body[:300]))
         return frames
 
     def next_frame(self, deadline):
@@ -121,33 +230,72 @@ class Conn(testkit.Connection):
         return self.pending.pop(0)
 
     def wait_receipt(self, rid, deadline, on_other=None):
-        """Wait for RECEIPT receipt-id:rid; other frames go to on_other(frame) (or are an error
-        if on_other is None).  Returns the RECEIPT."""
+        """Wait for RECEIPT receipt-id:rid; other frames go to on_other(head, body) (or are an
+        error if on_other is None).  Returns the RECEIPT's header block."""
+        rid = rid.encode() if isinstance(rid, str) else rid
         while True:
-            f = self.next_frame(deadline)
-            if f.command == "RECEIPT" and f.headers.get("receipt-id") == rid:
-                return f
+            head, body = self.next_frame(deadline)
+            if command_of(head) == b"RECEIPT" and header(head, b"receipt-id") == rid:
+                return head
             if on_other is None:
-                raise BenchError("unexpected frame while waiting for receipt %r: %r" % (rid, f))
-            on_other(f)
+                raise BenchError("unexpected frame while waiting for receipt %r: %r"
+                                 % (rid, head[:200]))
+            on_other(head, body)
 
     def close(self, graceful=True):
         try:
             if graceful:
-                self.send(frame("DISCONNECT", []))
+                self.send(frame("DISCONNECT"))
         except OSError:
             pass
-        super().close()
-
-    def goodbye(self, deadline):
-        """DISCONNECT with a receipt, so the broker has handled everything before (frames that
-        still arrive are dropped), then close."""
-        self.send(frame("DISCONNECT", [("receipt", "bye")]))
         try:
-            self.wait_receipt("bye", deadline, on_other=lambda f: None)
-        except BenchError:
+            self.sock.close()
+        except OSError:
             pass
-        self.close(graceful=False)
+
+
+class WsFraming:
+    """The client side of STOMP over WebSocket, as far as the bench needs it: the upgrade,
+    then every send is one masked binary message, and what arrives is unwrapped."""
+
+    def __init__(self, sock, host):
+        sock.sendall(("GET / HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: YmVuY2hiZW5jaGJlbmNoIQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: v12.stomp\r\n\r\n"
+                      % host).encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise BenchError("WebSocket handshake: connection closed")
+            answer += chunk
+        head, _, self.buf = answer.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise BenchError("WebSocket handshake answered %r" % head[:100])
+
+    @staticmethod
+    def wrap(data):
+        n = len(data)
+        length = bytes([0x80 | n]) if n < 126 else bytes([0xFE]) + n.to_bytes(2, "big") \
+            if n < 65536 else bytes([0xFF]) + n.to_bytes(8, "big")
+        return b"\x82" + length + b"\0\0\0\0" + data      # a zero mask leaves data as it is
+
+    def unwrap(self, data):
+        buf = self.buf + data if self.buf else data
+        out, pos = [], 0
+        while len(buf) - pos >= 2:
+            n, start = buf[pos + 1] & 0x7F, pos + 2
+            if n == 126:
+                n, start = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 4
+            elif n == 127:
+                n, start = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
+            if len(buf) < start + n:
+                break
+            if buf[pos] & 0x0F in (1, 2):
+                out.append(buf[start:start + n])
+            pos = start + n
+        self.buf = buf[pos:]
+        return b"".join(out)
 
 
 def control_count(host, port, dest, what="msgs", timeout=10.0, login=None, passcode=None):
@@ -157,8 +305,8 @@ def control_count(host, port, dest, what="msgs", timeout=10.0, login=None, passc
     try:
         c.send(frame("SEND", [("destination", "/control/count-%s%s" % (what, dest)),
                               ("receipt", "cnt")]))
-        f = c.wait_receipt("cnt", time.monotonic() + timeout)
-        v = f.headers.get("num-messages" if what == "msgs" else "num-subscribers")
+        head = c.wait_receipt("cnt", time.monotonic() + timeout)
+        v = header(head, b"num-messages" if what == "msgs" else b"num-subscribers")
         return int(v) if v is not None else None
     finally:
         c.close()
@@ -352,7 +500,7 @@ def role_producer(ctx, dest, count, size, batch, receipt_at_end=True, count_dest
     /control/count-msgs SEND whose answer is returned; last_receipt: the last SEND itself carries
     the receipt; otherwise a receipted DISCONNECT)."""
     c = ctx.connect()
-    one = frame("SEND", [("destination", dest)], b"x" * size)
+    one = frame("SEND", [("destination", dest), ("content-length", size)], b"x" * size)
     ctx.ready()
     t0 = time.monotonic()
     sent = 0
@@ -365,7 +513,8 @@ def role_producer(ctx, dest, count, size, batch, receipt_at_end=True, count_dest
         if sent % (batch * 50) == 0:
             ctx.check()
     if last_receipt:
-        c.send(frame("SEND", [("destination", dest), ("receipt", "end")], b"x" * size))
+        c.send(frame("SEND", [("destination", dest), ("receipt", "end"),
+                              ("content-length", size)], b"x" * size))
         sent += 1
     t_sent = time.monotonic()
     res = {"sent": sent, "t_first": t0, "t_sent": t_sent}
@@ -376,7 +525,8 @@ def role_producer(ctx, dest, count, size, batch, receipt_at_end=True, count_dest
     elif count_dest:
         c.send(frame("SEND", [("destination", "/control/count-msgs" + count_dest),
                               ("receipt", "end")]))
-        v = c.wait_receipt("end", ctx.deadline).headers.get("num-messages")
+        head = c.wait_receipt("end", ctx.deadline)
+        v = header(head, b"num-messages")
         res["num_messages"] = int(v) if v is not None else None
         res["t_receipt"] = time.monotonic()
         c.close()
@@ -395,6 +545,56 @@ def role_producer(ctx, dest, count, size, batch, receipt_at_end=True, count_dest
     return res
 
 
+def role_queue_consumer(ctx, dest, ack_mode, prefetch, total, counter):
+    """Subscribe to a queue and ACK every MESSAGE (in the same sendall per read) until the shared
+    `counter` (all consumers together) reaches `total`."""
+    c = ctx.connect()
+    c.send(frame("SUBSCRIBE", [("destination", dest), ("id", "s"), ("ack", ack_mode),
+                               ("prefetch", prefetch), ("receipt", "sub")]))
+    c.wait_receipt("sub", ctx.deadline)
+    ctx.ready()
+    got = 0
+    redelivered = 0
+    ids = []
+    t_first = t_last_ack = None
+    while True:
+        frames = c.recv_frames(POLL)
+        if frames:
+            acks = []
+            n = 0
+            for head, body in frames:
+                if not head.startswith(b"MESSAGE"):
+                    raise BenchError("unexpected frame %r" % head[:200])
+                mid = header(head, b"message-id")
+                acks.append(c.ack_frame(head, mid))
+                ids.append(mid)
+                if b"\nredelivered:true" in head:
+                    redelivered += 1
+                n += 1
+            if t_first is None:
+                t_first = time.monotonic()
+            c.send(b"".join(acks))
+            t_last_ack = time.monotonic()
+            got += n
+            with counter.get_lock():
+                counter.value += n
+                done = counter.value >= total
+        else:
+            done = counter.value >= total
+        if done:
+            break
+        ctx.check()
+    # make sure the broker has processed our ACKs before we disconnect (outside the timing)
+    c.send(frame("DISCONNECT", [("receipt", "bye")]))
+    try:
+        c.wait_receipt("bye", ctx.deadline, on_other=lambda h, b: None)
+    except BenchError:
+        pass
+    c.close(graceful=False)
+    return {"received": got, "redelivered": redelivered, "t_first_recv": t_first,
+            "t_last_ack": t_last_ack, "ids": ids}
+
+
 def role_durable_producer(ctx, dest, size, duration):
     """SEND with a receipt, wait for the RECEIPT, repeat for `duration` seconds."""
     c = ctx.connect()
@@ -409,7 +609,8 @@ def role_durable_producer(ctx, dest, size, duration):
         if now >= end:
             break
         rid = "r%d" % i
-        c.send(frame("SEND", [("destination", dest), ("receipt", rid)], body))
+        c.send(frame("SEND", [("destination", dest), ("receipt", rid),
+                              ("content-length", size)], body))
         c.wait_receipt(rid, min(ctx.deadline, now + SOCK_TIMEOUT))
         lat.append(time.monotonic() - now)
         i += 1
@@ -418,109 +619,91 @@ def role_durable_producer(ctx, dest, size, duration):
     return {"receipts": len(lat), "t_first": t0, "t_end": t1, "lat": lat}
 
 
-def role_consumer(ctx, dest, total, ack_mode="client-individual", prefetch=100, counter=None,
-                  subs=1, live=True, idle=None, keep_ids=True, check_order=False):
-    """Subscribe to `dest` (`subs` subscriptions on this connection) and ACK every MESSAGE (unless
-    ack_mode is auto), all the ACKs of one read in one sendall.
-    live: subscribe, and wait for the RECEIPT, before reporting ready (a queue or topic being
-    fed); otherwise subscribe when the case starts (a queue filled before: t_start is then the
-    SUBSCRIBE).  Ends when `total` messages arrived: on this connection, or on all consumers
-    together when they share `counter`; with `idle`, also after `idle` seconds without a message
-    (a topic's lost messages are then reported); without counter or idle, a silence of
-    SOCK_TIMEOUT is an error.  check_order: count where (-priority, message-id) fails to
-    strictly increase."""
+def role_topic_subscriber(ctx, dest, expect, idle):
+    """Subscribe (ack auto) and count MESSAGEs until `expect` arrived, or nothing arrived for
+    `idle` seconds after the first one (lost messages are then reported)."""
     c = ctx.connect()
-    subscribe = [frame("SUBSCRIBE", [("destination", dest), ("id", "s%d" % j), ("ack", ack_mode)]
-                       + ([("prefetch", prefetch)] if prefetch else [])
-                       + ([("receipt", "sub")] if live and j == subs - 1 else []))
-                 for j in range(subs)]
-    if live:
-        for j in range(0, subs, 500):
-            c.send(b"".join(subscribe[j:j + 500]))
-        c.wait_receipt("sub", ctx.deadline)
+    c.send(frame("SUBSCRIBE", [("destination", dest), ("id", "s"), ("ack", "auto"),
+                               ("receipt", "sub")]))
+    c.wait_receipt("sub", ctx.deadline)
     ctx.ready()
+    got = 0
     t_start = time.monotonic()
-    if not live:
-        c.send(b"".join(subscribe))
-    got = redelivered = inversions = misorders = 0
-    ids, subs_used, prio_counts = [], set(), {}
-    last = first_bad = t_first = t_last = None
-    wait = POLL if counter is not None or idle else SOCK_TIMEOUT
-    while True:
-        frames = c.recv_frames(wait)
+    t_last = None
+    while got < expect:
+        frames = c.recv_frames(POLL)
+        now = time.monotonic()
         if frames:
-            acks = []
-            for f in frames:
-                if f.command != "MESSAGE":
-                    raise BenchError("unexpected frame %r" % f)
-                h = f.headers
-                if ack_mode != "auto":
-                    acks.append(c.ack_frame(f))
-                if keep_ids:
-                    ids.append(h["message-id"])
-                subs_used.add(h.get("subscription"))
-                if h.get("redelivered") == "true":
-                    redelivered += 1
-                if check_order:
-                    p = int(h.get("priority", 0))
-                    key = (-p, int(h["message-id"]))
-                    prio_counts[p] = prio_counts.get(p, 0) + 1
-                    if last is not None and key <= last:
-                        if key[0] < last[0]:
-                            inversions += 1       # priority higher than the one before
-                        else:
-                            misorders += 1        # same priority, message-id not greater
-                        if first_bad is None:
-                            first_bad = "#%d: priority %d id %d after priority %d id %d" % (
-                                got + len(acks) - 1, p, key[1], -last[0], last[1])
-                    last = key
-            if t_first is None:
-                t_first = time.monotonic()
-            if acks:
-                c.send(b"".join(acks))
-            t_last = time.monotonic()
-            got += len(frames)
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += len(frames)
-                    done = counter.value >= total
-            else:
-                done = got >= total
-        elif counter is not None:
-            done = counter.value >= total
-        elif idle:
-            done = time.monotonic() - (t_last or t_start) > idle
-        else:
-            raise BenchError("no message for %.0f s after %d of %d" % (wait, got, total))
-        if done:
+            for head, _ in frames:
+                if head.startswith(b"MESSAGE"):
+                    got += 1
+            t_last = now
+        elif now - (t_last or t_start) > idle:
             break
         ctx.check()
-    c.goodbye(min(ctx.deadline, time.monotonic() + 30))   # the broker has our ACKs (untimed)
-    res = {"received": got, "redelivered": redelivered, "t_start": t_start,
-           "t_first_recv": t_first, "t_last": t_last, "subs_used": len(subs_used)}
-    if keep_ids:
-        res["ids"] = ids
-    if check_order:
-        res.update(inversions=inversions, misorders=misorders, first_bad=first_bad,
-                   prio_counts=prio_counts)
-    return res
+    c.close()
+    return {"received": got, "t_last_recv": t_last}
 
 
-def role_subscriber_many(ctx, dest_fn, count, batch, headers=(("ack", "auto"),)):
-    """Open `count` subscriptions (to dest_fn(j), ids s<j>, extra SUBSCRIBE `headers`), `batch`
-    SUBSCRIBEs per sendall, the last with a receipt; report once the RECEIPT is in, then keep
-    the connection open until the parent has measured the broker."""
+def role_drain_consumer(ctx, dest, ack_mode, prefetch, total):
+    """Subscribe to a filled queue and ACK every message until `total` were received."""
     c = ctx.connect()
     ctx.ready()
     t0 = time.monotonic()
-    for i in range(0, count, batch):
-        c.send(b"".join(frame("SUBSCRIBE", [("destination", dest_fn(j)), ("id", "s%d" % j),
-                                            *headers]
-                              + ([("receipt", "last")] if j == count - 1 else []))
-                        for j in range(i, min(i + batch, count))))
+    c.send(frame("SUBSCRIBE", [("destination", dest), ("id", "s"), ("ack", ack_mode),
+                               ("prefetch", prefetch)]))
+    got = 0
+    redelivered = 0
+    ids = []
+    t_last_ack = None
+    while got < total:
+        frames = c.recv_frames(SOCK_TIMEOUT)
+        if not frames:
+            raise BenchError("no message for %.0f s after %d of %d" % (SOCK_TIMEOUT, got, total))
+        acks = []
+        for head, _ in frames:
+            if not head.startswith(b"MESSAGE"):
+                raise BenchError("unexpected frame %r" % head[:200])
+            mid = header(head, b"message-id")
+            acks.append(c.ack_frame(head, mid))
+            ids.append(mid)
+            if b"\nredelivered:true" in head:
+                redelivered += 1
+        c.send(b"".join(acks))
+        t_last_ack = time.monotonic()
+        got += len(acks)
+        ctx.check()
+    c.send(frame("DISCONNECT", [("receipt", "bye")]))
+    try:
+        c.wait_receipt("bye", ctx.deadline, on_other=lambda h, b: None)
+    except BenchError:
+        pass
+    c.close(graceful=False)
+    return {"received": got, "redelivered": redelivered, "t_first": t0,
+            "t_last_ack": t_last_ack, "ids": ids}
+
+
+def role_subscriber_many(ctx, prefix, count, batch):
+    """Open `count` subscriptions (destination prefix + index, distinct ids), `batch` SUBSCRIBEs
+    per sendall, the last with a receipt; report once the RECEIPT is in, then keep the connection
+    open until the parent has measured the broker."""
+    c = ctx.connect()
+    ctx.ready()
+    t0 = time.monotonic()
+    i = 0
+    while i < count:
+        parts = []
+        for j in range(i, min(i + batch, count)):
+            hdrs = [("destination", "%s%d" % (prefix, j)), ("id", "s%d" % j), ("ack", "auto")]
+            if j == count - 1:
+                hdrs.append(("receipt", "last"))
+            parts.append(frame("SUBSCRIBE", hdrs))
+        c.send(b"".join(parts))
+        i += batch
         ctx.check()
     c.wait_receipt("last", ctx.deadline)
-    ctx.report({"subscriptions": count, "t_first": t0, "t_receipt": time.monotonic()})
+    t1 = time.monotonic()
+    ctx.report({"subscriptions": count, "t_first": t0, "t_receipt": t1})
     ctx.hold()
     c.close()
 
@@ -606,15 +789,15 @@ def case_queue(env, producers=2, messages=50000, size=100, consumers=2,
     dest = "/queue/" + unique("queue")
     total = producers * messages
     counter = mp.get_context("fork").Value("q", 0)
-    specs = [(role_consumer, dict(dest=dest, ack_mode=ack, prefetch=prefetch, total=total,
-                                  counter=counter)) for _ in range(consumers)]
+    specs = [(role_queue_consumer, dict(dest=dest, ack_mode=ack, prefetch=prefetch, total=total,
+                                        counter=counter)) for _ in range(consumers)]
     specs += [(role_producer, dict(dest=dest, count=messages, size=size, batch=batch))
               for _ in range(producers)]
     b0 = env.broker.cpu() if env.broker else None
     res = run_workers(specs, env.opts, env.timeout)
     cons, prods = res[:consumers], res[consumers:]
     t0 = min(r["t_first"] for r in prods)
-    t1 = max(r["t_last"] for r in cons if r["t_last"] is not None)
+    t1 = max(r["t_last_ack"] for r in cons if r["t_last_ack"] is not None)
     wall = t1 - t0
     got = sum(r["received"] for r in cons)
     redel = sum(r["redelivered"] for r in cons)
@@ -665,15 +848,14 @@ def case_topic(env, subscribers=10, messages=50000, size=100, prefix=False, batc
         sub_dest, send_dest = "/topic/%s*" % name, "/topic/%s.x" % name
     else:
         sub_dest = send_dest = "/topic/" + name
-    specs = [(role_consumer, dict(dest=sub_dest, total=messages, ack_mode="auto", prefetch=None,
-                                  idle=idle, keep_ids=False))
+    specs = [(role_topic_subscriber, dict(dest=sub_dest, expect=messages, idle=idle))
              for _ in range(subscribers)]
     specs.append((role_producer, dict(dest=send_dest, count=messages, size=size, batch=batch)))
     b0 = env.broker.cpu() if env.broker else None
     res = run_workers(specs, env.opts, env.timeout)
     subs, prod = res[:-1], res[-1]
     t0 = prod["t_first"]
-    lasts = [r["t_last"] for r in subs if r["t_last"] is not None]
+    lasts = [r["t_last_recv"] for r in subs if r["t_last_recv"] is not None]
     got = sum(r["received"] for r in subs)
     wall = (max(lasts) - t0) if lasts else 0.0
     bcpu = env.broker.cpu() - b0 if env.broker else None
@@ -714,12 +896,12 @@ def case_backlog(env, messages=200000, size=100, ack="client", prefetch=100, bat
     fill = res[0]
     fill_wall = fill["t_receipt"] - fill["t_first"]
     b1 = br.cpu() if br else None
-    res2 = run_workers([(role_consumer, dict(dest=dest, ack_mode=ack, prefetch=prefetch,
-                                             total=messages, live=False))],
+    res2 = run_workers([(role_drain_consumer, dict(dest=dest, ack_mode=ack, prefetch=prefetch,
+                                                   total=messages))],
                        env.opts, env.deadline_left(t_start), sample)
     drain = res2[0]
     distinct = len(set(drain.pop("ids")))
-    drain_wall = drain["t_last"] - drain["t_start"]
+    drain_wall = drain["t_last_ack"] - drain["t_first"]
     b2 = br.cpu() if br else None
     left = env.count(dest, want=0)
     sample()
@@ -767,8 +949,8 @@ def case_subs(env, kind="queue", connections=10, per_conn=10000, batch=500):
         before["rss"] = br.rss() if br else None
 
     b0 = br.cpu() if br else None
-    specs = [(role_subscriber_many, dict(dest_fn=(lambda p: lambda j: p + str(j))(
-                 "/%s/%s-c%d-" % (kind, name, i)), count=per_conn, batch=batch))
+    specs = [(role_subscriber_many, dict(prefix="/%s/%s-c%d-" % (kind, name, i),
+                                         count=per_conn, batch=batch))
              for i in range(connections)]
     with WorkerSet(specs, env.opts, env.timeout) as ws:
         ws.wait_ready()
@@ -831,25 +1013,21 @@ SCENARIOS = {
 
 
 def selftest():
-    """Framing checks of Conn's parser and ACKs (no broker needed): python3 bench/loadgen.py
-    selftest"""
-    msg = (b"MESSAGE\nmessage-id:7\nack:a7\nsubscription:s\ncontent-length:5\n\nab\0cd\0\n")
-    c = Conn.__new__(Conn)
-    c.parser, c.version = testkit.client_parser(), "1.2"
+    """Framing checks for FrameReader (no broker needed): python3 bench/loadgen.py selftest"""
+    msg = (b"MESSAGE\nmessage-id:7\nack:a7\ncontent-length:5\n\nab\0cd\0\n")
+    r = FrameReader()
     out = []
     for i in range(len(msg) * 3):                     # one byte at a time
-        c.parser.feed((msg * 3)[i:i + 1])
-        out += iter(c.parser.next_frame, None)
-    assert [f.body for f in out] == [b"ab\0cd"] * 3, out
-    assert out[0].command == "MESSAGE" and c.ack_frame(out[0]) == b"ACK\nid:a7\n\n\0\n"
-    c.version = "1.1"
-    assert c.ack_frame(out[0]) == b"ACK\nid:7\nmessage-id:7\nsubscription:s\n\n\0\n"
-    c.parser.feed(b"\n\r\nRECEIPT\r\nreceipt-id:x\r\n\r\n\0\nRECEIPT\nreceipt-id:y\n\n\0\n"
-                  b"MESSAGE\nack:1\nack:2\n\nbody\0")   # first header wins, no content-length
-    out = list(iter(c.parser.next_frame, None))
-    assert [f.headers.get("receipt-id") for f in out[:2]] == ["x", "y"], out
-    assert out[2].headers["ack"] == "1" and out[2].body == b"body", out
-    assert frame("ACK", [("id", "5")]) == b"ACK\nid:5\n\n\0\n"
+        out += r.feed((msg * 3)[i:i + 1])
+    assert [b for _, b in out] == [b"ab\0cd"] * 3, out
+    assert header(out[0][0], b"ack") == b"a7" and command_of(out[0][0]) == b"MESSAGE"
+    r = FrameReader()
+    out = r.feed(b"\n\r\nRECEIPT\r\nreceipt-id:x\r\n\r\n\0\nRECEIPT\nreceipt-id:y\n\n\0\n")
+    assert [header(h, b"receipt-id") for h, _ in out] == [b"x", b"y"], out
+    r = FrameReader()
+    out = r.feed(b"MESSAGE\nack:1\nack:2\n\nbody\0")  # first header wins, no content-length
+    assert out == [(b"MESSAGE\nack:1\nack:2", b"body")] and header(out[0][0], b"ack") == b"1"
+    assert frame("ACK", [("id", "5")]) == b"ACK\nid:5\n\n\0"
     print("loadgen selftest ok")
     return 0
 

@@ -30,8 +30,8 @@ new temp dir; stopped with SIGTERM, then SIGKILL):
   nack        every message delivered three times: plain NACKs (ACK on the third) against
               max-deliveries:3 with NACK every time (then the dead-letter move), deliveries/s.
 
-It reuses bench/loadgen.py (connections, the worker-process harness, worker roles) and
-bench/run.py (starting and stopping the broker, the table), both built on ../testkit.py.
+It reuses bench/loadgen.py (framing, connections, the worker-process harness, worker roles,
+/proc probe) and bench/run.py (starting and stopping the broker, the table).  Standard library only.
 Every socket has a timeout and every wait a deadline; all connections go to 127.0.0.1.
 """
 
@@ -42,6 +42,8 @@ import os
 import platform
 import random
 import select
+import socket
+import struct
 import sys
 import threading
 import time
@@ -51,7 +53,7 @@ sys.path.insert(0, HERE)
 
 import loadgen as lg  # noqa: E402
 import run as rn  # noqa: E402
-from loadgen import BenchError, Conn, fig, frame  # noqa: E402
+from loadgen import BenchError, Conn, command_of, fig, frame, header  # noqa: E402
 
 HOST = "127.0.0.1"
 MiB = 1048576.0
@@ -94,8 +96,8 @@ def wait_go(ctx, ev):
 def poll_frames(c, on_frame):
     """Handle whatever the broker already sent, without blocking."""
     while select.select([c.sock], [], [], 0)[0]:
-        for f in c.recv_frames(1.0):
-            on_frame(f)
+        for head, body in c.recv_frames(1.0):
+            on_frame(head, body)
 
 
 def pump(ctx, c, n, make, batch=500, chunk=5000):
@@ -108,10 +110,10 @@ def pump(ctx, c, n, make, batch=500, chunk=5000):
     got = {}
     rids = []
 
-    def on_frame(f):
-        if f.command != "RECEIPT":
-            raise BenchError("unexpected frame %r" % f)
-        got[f.headers["receipt-id"]] = time.monotonic()
+    def on_frame(head, body):
+        if command_of(head) != b"RECEIPT":
+            raise BenchError("unexpected frame %r" % head[:200])
+        got[header(head, b"receipt-id").decode()] = time.monotonic()
 
     j = 0
     while j < n:
@@ -131,11 +133,30 @@ def pump(ctx, c, n, make, batch=500, chunk=5000):
         left = ctx.deadline - time.monotonic()
         if left <= 0:
             raise BenchError("timed out waiting for receipts (%d of %d)" % (len(got), len(rids)))
-        for f in c.recv_frames(min(lg.SOCK_TIMEOUT, left)):
-            on_frame(f)
+        for head, body in c.recv_frames(min(lg.SOCK_TIMEOUT, left)):
+            on_frame(head, body)
     marks = [(int(r[1:]), got[r]) for r in rids]
     return {"t0": t0, "t_end": max(got.values()) if got else t0, "marks": marks,
             "cpu": lg.cpu_now() - cpu0, "n": n}
+
+
+def hard_close(c):
+    """Close with a TCP reset (SO_LINGER 0): a client that vanished."""
+    try:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    c.close(graceful=False)
+
+
+def graceful_close(ctx, c):
+    c.send(frame("DISCONNECT", [("receipt", "bye")]))
+    try:
+        c.wait_receipt("bye", min(ctx.deadline, time.monotonic() + 30),
+                       on_other=lambda h, b: None)
+    except BenchError:
+        pass
+    c.close(graceful=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,10 +186,10 @@ def role_subs_cycle(ctx, dest_fn, count, batch, chunk, go, steps=("sub", "unsub"
     wait_go(ctx, go[len(steps) - 1])
     t = time.monotonic()
     if ctx.idx % 2 == 0:
-        c.goodbye(min(ctx.deadline, time.monotonic() + 30))
+        graceful_close(ctx, c)
         how = "DISCONNECT"
     else:
-        c.drop()
+        hard_close(c)
         how = "reset"
     return {"closed": how, "t_close": t}
 
@@ -203,6 +224,22 @@ def probe_subscribe(port, dest_fn, n, timeout=120.0):
     return rate
 
 
+def role_hold(ctx, dest_fn, count, batch, headers=()):
+    """SUBSCRIBE to dest_fn(j) for j < count (extra SUBSCRIBE headers), then report and hold the
+    connection until released.  Anything delivered meanwhile is an error (nothing should be)."""
+    c = ctx.connect()
+    ctx.ready()
+
+    def sub(j, rid):
+        return frame("SUBSCRIBE", [("destination", dest_fn(j)), ("id", "s%d" % j)]
+                     + list(headers) + ([("receipt", rid)] if rid else []))
+
+    r = pump(ctx, c, count, sub, batch, chunk=max(count, 1))
+    ctx.report({"t_first": r["t0"], "t_receipt": r["t_end"]})
+    ctx.hold()
+    c.close()
+
+
 def role_fill(ctx, dest_fn, count, batch, count_dest, priorities=0, size=100):
     """SEND count messages (to dest_fn(j); `priorities` > 0: priority = j % priorities), no
     receipts, `batch` per sendall, then a receipted /control/count-msgs on count_dest."""
@@ -210,10 +247,12 @@ def role_fill(ctx, dest_fn, count, batch, count_dest, priorities=0, size=100):
     body = b"x" * size
     fixed = None
     if dest_fn is None and priorities and batch % priorities == 0:
-        fixed = b"".join(frame("SEND", [("destination", count_dest), ("priority", str(p))], body)
+        fixed = b"".join(frame("SEND", [("destination", count_dest), ("priority", str(p)),
+                                        ("content-length", size)], body)
                          for p in list(range(priorities)) * (batch // priorities))
     elif dest_fn is None:
-        fixed = frame("SEND", [("destination", count_dest)], body) * batch
+        fixed = frame("SEND", [("destination", count_dest), ("content-length", size)],
+                      body) * batch
     ctx.ready()
     t0 = time.monotonic()
     j = 0
@@ -224,19 +263,111 @@ def role_fill(ctx, dest_fn, count, batch, count_dest, priorities=0, size=100):
         else:
             c.send(b"".join(
                 frame("SEND", [("destination", dest_fn(i) if dest_fn else count_dest)]
-                      + ([("priority", str(i % priorities))] if priorities else []), body)
-                for i in range(j, j + k)))
+                      + ([("priority", str(i % priorities))] if priorities else [])
+                      + [("content-length", size)], body) for i in range(j, j + k)))
         j += k
         if (j // batch) % 20 == 0:
             ctx.check()
     t_sent = time.monotonic()
     c.send(frame("SEND", [("destination", "/control/count-msgs" + count_dest),
                           ("receipt", "end")]))
-    v = c.wait_receipt("end", ctx.deadline).headers.get("num-messages")
+    head = c.wait_receipt("end", ctx.deadline)
     t1 = time.monotonic()
+    v = header(head, b"num-messages")
     c.close()
     return {"sent": count, "t_first": t0, "t_sent": t_sent, "t_receipt": t1,
             "num_messages": int(v) if v is not None else None}
+
+
+def role_ordered_drain(ctx, dest, total, prefetch):
+    """Subscribe (client-individual) to a filled queue, ACK every message (one sendall per read)
+    until `total` arrived; check that (-priority, message-id) strictly increases."""
+    c = ctx.connect()
+    ctx.ready()
+    t0 = time.monotonic()
+    c.send(frame("SUBSCRIBE", [("destination", dest), ("id", "s"), ("ack", "client-individual"),
+                               ("prefetch", prefetch)]))
+    got = 0
+    inversions = 0            # priority higher than the one before
+    misorders = 0             # same priority, message-id not greater (FIFO broken or duplicate)
+    redelivered = 0
+    prio_counts = {}
+    last = None
+    first_bad = None
+    t_last = None
+    while got < total:
+        frames = c.recv_frames(lg.SOCK_TIMEOUT)
+        if not frames:
+            raise BenchError("no message for %.0f s after %d of %d" % (lg.SOCK_TIMEOUT, got, total))
+        acks = []
+        for head, _ in frames:
+            if not head.startswith(b"MESSAGE"):
+                raise BenchError("unexpected frame %r" % head[:200])
+            mid = header(head, b"message-id")
+            acks.append(c.ack_frame(head, mid))
+            p = header(head, b"priority")
+            p = int(p) if p is not None else 0
+            key = (-p, int(mid))
+            prio_counts[p] = prio_counts.get(p, 0) + 1
+            if last is not None and key <= last:
+                if key[0] < last[0]:
+                    inversions += 1
+                else:
+                    misorders += 1
+                if first_bad is None:
+                    first_bad = "#%d: priority %d id %d after priority %d id %d" % (
+                        got + len(acks) - 1, p, key[1], -last[0], last[1])
+            last = key
+            if b"\nredelivered:true" in head:
+                redelivered += 1
+        c.send(b"".join(acks))
+        t_last = time.monotonic()
+        got += len(acks)
+        ctx.check()
+    graceful_close(ctx, c)
+    return {"received": got, "inversions": inversions, "misorders": misorders,
+            "redelivered": redelivered, "first_bad": first_bad, "t_first": t0,
+            "t_last_ack": t_last, "prio_counts": prio_counts}
+
+
+def role_many_consumer(ctx, dest, subs, prefetch, total, counter):
+    """`subs` subscriptions (client-individual, prefetch each) to the same queue on one
+    connection; ACK everything received (one sendall per read) until the shared counter reaches
+    `total`."""
+    c = ctx.connect()
+
+    def sub(j, rid):
+        return frame("SUBSCRIBE", [("destination", dest), ("id", "s%d" % j),
+                                   ("ack", "client-individual"), ("prefetch", prefetch)]
+                     + ([("receipt", rid)] if rid else []))
+
+    pump(ctx, c, subs, sub, 500, chunk=max(subs, 1))
+    ctx.ready()
+    got = 0
+    t_last = None
+    subs_used = set()
+    while True:
+        frames = c.recv_frames(lg.POLL)
+        if frames:
+            acks = []
+            for head, _ in frames:
+                if not head.startswith(b"MESSAGE"):
+                    raise BenchError("unexpected frame %r" % head[:200])
+                acks.append(c.ack_frame(head, header(head, b"message-id")))
+                subs_used.add(header(head, b"subscription"))
+            c.send(b"".join(acks))
+            t_last = time.monotonic()
+            got += len(acks)
+            with counter.get_lock():
+                counter.value += len(acks)
+                done = counter.value >= total
+        else:
+            done = counter.value >= total
+        if done:
+            break
+        ctx.check()
+    graceful_close(ctx, c)
+    return {"received": got, "t_last_ack": t_last, "subs_used": len(subs_used)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +401,7 @@ class RssSampler(threading.Thread):
 def control_many(port, dests, what, timeout=60.0, sequential=False):
     """Ask /control/count-<what><dest> for every dest on one connection.  Returns (answers,
     latencies): pipelined in one write unless `sequential` (then each is timed on its own)."""
-    key = "num-messages" if what == "msgs" else "num-subscribers"
+    key = b"num-messages" if what == "msgs" else b"num-subscribers"
     c = Conn(HOST, port, timeout=min(timeout, lg.SOCK_TIMEOUT))
     deadline = time.monotonic() + timeout
     answers, lat = [], []
@@ -280,14 +411,16 @@ def control_many(port, dests, what, timeout=60.0, sequential=False):
                 t = time.monotonic()
                 c.send(frame("SEND", [("destination", "/control/count-%s%s" % (what, d)),
                                       ("receipt", "q%d" % i)]))
-                v = c.wait_receipt("q%d" % i, deadline).headers.get(key)
+                head = c.wait_receipt("q%d" % i, deadline)
                 lat.append(time.monotonic() - t)
+                v = header(head, key)
                 answers.append(int(v) if v is not None else None)
         else:
             c.send(b"".join(frame("SEND", [("destination", "/control/count-%s%s" % (what, d)),
                                            ("receipt", "q%d" % i)]) for i, d in enumerate(dests)))
             for i in range(len(dests)):
-                v = c.wait_receipt("q%d" % i, deadline).headers.get(key)
+                head = c.wait_receipt("q%d" % i, deadline)
+                v = header(head, key)
                 answers.append(int(v) if v is not None else None)
     finally:
         c.close()
@@ -636,15 +769,14 @@ def case_backlog(args):
                         "msgs/s); all written by +%.1f s" % (
                             n, fill["num_messages"], count, fill["t_sent"] - fill["t_first"])))
         c2 = br.cpu()
-        res2 = lg.run_workers([(lg.role_consumer, dict(dest=dest, total=n, live=False,
-                                                       keep_ids=False, check_order=True))],
+        res2 = lg.run_workers([(role_ordered_drain, dict(dest=dest, total=n, prefetch=100))],
                               opts(br.port), 120 + n / 2000.0)
         d = res2[0]
         c3 = br.cpu()
         left = lg.control_count(HOST, br.port, dest)
         sampler.stop()
         hwm = probe.hwm() if hwm_ok else None
-        drain_wall = d["t_last"] - d["t_start"]
+        drain_wall = d["t_last_ack"] - d["t_first"]
         order_ok = d["inversions"] == 0 and d["misorders"] == 0
         figs.append(fig(case, "drain msgs/s (SUBSCRIBE -> last ACK)", n / drain_wall, "msg/s",
                         cpu_fig(res2, drain_wall, c3 - c2),
@@ -675,36 +807,39 @@ def measure_queue(port, dest, n, consumers=1, subs=1, prefetch=100, timeout=300)
     """Producer sends n msgs to dest; `consumers` connections x `subs` subscriptions consume and
     ACK.  Returns (msgs/s first SEND -> last ACK, received, results)."""
     counter = mp.get_context("fork").Value("q", 0)
-    specs = [(lg.role_consumer, dict(dest=dest, subs=subs, prefetch=prefetch, total=n,
-                                     counter=counter)) for _ in range(consumers)]
+    if subs == 1:
+        specs = [(lg.role_queue_consumer, dict(dest=dest, ack_mode="client-individual",
+                                               prefetch=prefetch, total=n, counter=counter))
+                 for _ in range(consumers)]
+    else:
+        specs = [(role_many_consumer, dict(dest=dest, subs=subs, prefetch=prefetch, total=n,
+                                           counter=counter))
+                 for _ in range(consumers)]
     specs.append((lg.role_producer, dict(dest=dest, count=n, size=100, batch=200)))
     res = lg.run_workers(specs, opts(port), timeout)
     prod = res[-1]
     cons = res[:-1]
     got = sum(r["received"] for r in cons)
-    t1 = max(r["t_last"] for r in cons if r["t_last"] is not None)
+    t1 = max(r["t_last_ack"] for r in cons if r["t_last_ack"] is not None)
     wall = t1 - prod["t_first"]
     return n / wall, got, res, wall
 
 
 def measure_topic(port, dest, n, timeout=300):
-    specs = [(lg.role_consumer, dict(dest=dest, total=n, ack_mode="auto", prefetch=None, idle=5.0,
-                                     keep_ids=False)),
+    specs = [(lg.role_topic_subscriber, dict(dest=dest, expect=n, idle=5.0)),
              (lg.role_producer, dict(dest=dest, count=n, size=100, batch=200))]
     res = lg.run_workers(specs, opts(port), timeout)
     sub, prod = res
-    wall = (sub["t_last"] or prod["t_first"]) - prod["t_first"]
+    wall = (sub["t_last_recv"] or prod["t_first"]) - prod["t_first"]
     return (sub["received"] / wall if wall > 0 else None), sub["received"], res, wall
 
 
 class Holders:
-    """`conns` connections x `per` subscriptions (role_subscriber_many) held open inside a
-    `with`."""
+    """`conns` connections x `per` subscriptions (role_hold) held open inside a `with`."""
 
     def __init__(self, port, conns, per, dest_for, headers=(), timeout=600):
-        self.ws = lg.WorkerSet([(lg.role_subscriber_many, dict(dest_fn=dest_for(i), count=per,
-                                                               batch=500, headers=headers))
-                                for i in range(conns)],
+        self.ws = lg.WorkerSet([(role_hold, dict(dest_fn=dest_for(i), count=per, batch=500,
+                                                 headers=headers)) for i in range(conns)],
                                opts(port), timeout)
         self.n = conns * per
 
@@ -852,11 +987,10 @@ def case_costs(args):
 # SPEC section 12: delayed messages and dead-letter queues
 
 class Consumer(threading.Thread):
-    """Reads MESSAGEs on one connection, ACKs or NACKs each one as `decide(count)` says
+    """Reads MESSAGEs on one connection, ACKs or NACKs each one as `decide(head, count)` says
     ("ACK", "NACK" or "REJECT"; `count` is this client's own count of the message's deliveries,
     so that the case runs on a broker without delivery-count too), and records (message-id,
-    receive time, deliver-at header) until `expect` deliveries have arrived or `deadline`
-    passes."""
+    receive time, head) until `expect` deliveries have arrived or `deadline` passes."""
 
     def __init__(self, conn, expect, deadline, decide=None):
         super().__init__(daemon=True)
@@ -867,17 +1001,18 @@ class Consumer(threading.Thread):
         try:
             while len(self.seen) < self.expect and time.monotonic() < self.deadline:
                 acks = []
-                for f in self.conn.recv_frames(1.0):
-                    if f.command != "MESSAGE":
+                for head, body in self.conn.recv_frames(1.0):
+                    if command_of(head) != b"MESSAGE":
                         continue
-                    mid = f.headers["message-id"]
+                    mid = header(head, b"message-id")
                     count = self.counts[mid] = self.counts.get(mid, 0) + 1
-                    self.seen.append((mid, time.time(), f.headers.get("deliver-at")))
+                    self.seen.append((mid, time.time(), head))
                     if self.decide is not None:
-                        answer = self.decide(count)
-                        acks.append(self.conn.ack_frame(
-                            f, "ACK" if answer == "ACK" else "NACK",
-                            [("requeue", "false")] if answer == "REJECT" else []))
+                        answer = self.decide(head, count)
+                        ack = self.conn.ack_frame(head, mid)
+                        acks.append(ack if answer == "ACK" else b"NACK" + ack[3:-3]
+                                    + (b"\nrequeue:false" if answer == "REJECT" else b"")
+                                    + b"\n\n\0")
                 if acks:
                     self.conn.send(b"".join(acks))
         except lg.FAILURES as e:
@@ -931,7 +1066,7 @@ def case_delayed(args):
         early = len(consumer.seen)
         consumer.join()
         got = consumer.seen
-        late = sorted(t - int(at) / 1000.0 for _, t, at in got)
+        late = sorted(t - int(header(h, b"deliver-at")) / 1000.0 for _, t, h in got)
         ids = [int(mid) for mid, _, _ in got]
         disorder = sum(1 for a, b in zip(ids, ids[1:]) if b <= a)
         too_early = sum(1 for x in late if x < -0.002)      # the same clock; 2 ms of rounding
@@ -968,7 +1103,7 @@ def nack_run(args, variant):
                             for _ in range(n)])
         conn = Conn(HOST, br.port)
         consumer = Consumer(conn, 3 * n, time.monotonic() + 60 + n / 1000.0,
-                            lambda count: "ACK" if count == 3 and not headers else "NACK")
+                            lambda head, count: "ACK" if count == 3 and not headers else "NACK")
         t0, c0 = time.monotonic(), br.cpu()
         conn.send(frame("SUBSCRIBE", [("destination", dest), ("id", "1"),
                                       ("ack", "client-individual"), ("prefetch", "100")]))
