@@ -185,17 +185,14 @@ class StrictParser(ocamlmq.FrameParser):
 
     def _skip_eols(self):
         buf, start = self.buffer, self.pos
-        if self.after_nul and self.after_nul[-1] is None and start < len(buf):
-            self.after_nul[-1] = bytes(buf[start:start + 1])
-        super()._skip_eols()
-        eols = buf.count(b"\n", start, self.pos)
+        end = super()._skip_eols()
+        eols = buf.count(b"\n", start, end)
         if eols and self.trailer_pending:       # the EOL that ends the previous frame
             eols -= 1
             self.trailer_pending = False
-        if self.pos < len(buf):
-            self.trailer_pending = False
         self.heartbeats += eols
         self.heartbeat_times += [time.monotonic()] * eols
+        return end
 
     def _parse_head(self, head):
         result = super()._parse_head(head)
@@ -204,6 +201,11 @@ class StrictParser(ocamlmq.FrameParser):
         return result
 
     def next_frame(self):
+        buf, pos = self.buffer, self.pos
+        if self.after_nul and self.after_nul[-1] is None and pos < len(buf):
+            self.after_nul[-1] = bytes(buf[pos:pos + 1])
+        if pos < len(buf) and buf[pos] != 10:   # a frame, or the CR of an EOL: no trailer now
+            self.trailer_pending = buf.startswith(b"\r\n", pos) and self.trailer_pending
         try:
             f = super().next_frame()
         except ocamlmq.ProtocolError as e:

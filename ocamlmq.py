@@ -106,6 +106,8 @@ HEADER_ENCODINGS = {
 ESCAPE_SEQUENCE = re.compile(r"\\.?")
 NEEDS_ENCODING = re.compile(r"[\\:\n\r]")   # a search is far cheaper than a translate
 FRAME_END = b"\0\n"
+EOLS = re.compile(rb"(?:\r?\n)*")
+EOL_BYTES = b"\r\n"
 
 
 def unescape(value, version):
@@ -214,71 +216,67 @@ class FrameParser:
 
     def next_frame(self):
         """The next complete frame, or None until more bytes arrive."""
-        buf = self.buffer
-        if self.head is None:
-            self._skip_eols()
-            if self.pos == len(buf):
-                if self.pos:          # all consumed: do not hold the last frame's bytes
+        buf, pos, head = self.buffer, self.pos, self.head
+        if head is None:
+            if pos < len(buf) and buf[pos] in EOL_BYTES:
+                pos = self._skip_eols()
+            if pos == len(buf):
+                if pos:               # all consumed: do not hold the last frame's bytes
                     buf.clear()
                     self.pos = 0
                 return None
-            if buf[self.pos] == 0:
+            if buf[pos] == 0:
                 raise ProtocolError("empty frame: NUL where a command was expected")
-            end = self._find_head_end()
+            end = self._find_head_end(pos)
             if end < 0:
                 return None
-            self.head = self._parse_head(bytes(buf[self.pos:end])) + (end - self.pos,)
-            self.scanned = end - self.pos
-        command, headers, length, body_offset = self.head
-        body_start = self.pos + body_offset
+            head = self._parse_head(buf[pos:end]) + (end - pos,)
+            self.scanned = end - pos
+        command, headers, length, body_offset = head
+        body_start = pos + body_offset
         if length is not None:
+            body_end = body_start + length
             if body_offset + length > self.max_frame_size:
                 raise ProtocolError(f"frame larger than {self.max_frame_size} bytes",
                                     headers.get("receipt"))
-            if len(buf) < body_start + length + 1:
+            if body_end >= len(buf):
+                self.head = head
                 return None
-            if buf[body_start + length] != 0:
+            if buf[body_end] != 0:
                 raise ProtocolError("frame body does not end with NUL where content-length says",
                                     headers.get("receipt"))
-            body_end = body_start + length
         else:
-            body_end = buf.find(0, self.pos + self.scanned)
+            body_end = buf.find(0, pos + self.scanned)
             if body_end < 0:
-                self.scanned = len(buf) - self.pos
+                self.scanned = len(buf) - pos
                 body_end = len(buf)
-            if body_end - self.pos > self.max_frame_size:
+            if body_end - pos > self.max_frame_size:
                 raise ProtocolError(f"frame larger than {self.max_frame_size} bytes",
                                     headers.get("receipt"))
             if body_end == len(buf):
+                self.head = head
                 return None
-        body = bytes(buf[body_start:body_end])
-        size = body_end + 1 - self.pos
         self.pos = body_end + 1
         self.head = None
         self.scanned = self.newlines = 0
-        return Frame(command, headers, body, size)
+        return Frame(command, headers, bytes(buf[body_start:body_end]), body_end + 1 - pos)
 
     def _skip_eols(self):
-        """Step over the EOLs before a frame: heart-beats, or the EOL that ends each frame."""
-        buf = self.buffer
-        i = self.pos
-        n = len(buf)
-        while i < n and (buf[i] == 10 or (buf[i] == 13 and i + 1 < n and buf[i + 1] == 10)):
-            i += 1
-        if i != self.pos:
-            self.pos = i
-            self.scanned = self.newlines = 0
+        """Step over heart-beats and frame-ending EOLs; return where the next frame starts."""
+        self.pos = EOLS.match(self.buffer, self.pos).end()
+        self.scanned = self.newlines = 0
+        return self.pos
 
-    def _find_head_end(self):
+    def _find_head_end(self, pos):
         """Where the body starts, after the blank line that ends the head; -1 if not yet here."""
-        buf, pos = self.buffer, self.pos
-        start = pos + max(0, self.scanned - 3)
+        buf = self.buffer
+        start = max(pos, pos + self.scanned - 3)
         lf = buf.find(b"\n\n", start)
-        crlf = buf.find(b"\n\r\n", start, lf + 2 if lf >= 0 else len(buf))
-        if lf >= 0 and (crlf < 0 or lf < crlf):
-            return lf + 2
+        crlf = buf.find(b"\n\r\n", start, lf + 2 if lf >= 0 else len(buf))   # one that ends first
         if crlf >= 0:
             return crlf + 3
+        if lf >= 0:
+            return lf + 2
         if len(buf) - pos > self.max_frame_size:
             raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
         # The head is incomplete: check the lines that arrived since the last call, so that the
@@ -319,6 +317,11 @@ class FrameParser:
         trim = self.version == "1.0" or command in ("CONNECT", "STOMP")
         escaped = not trim and "\\" in text
         headers = {}
+        if not (trim or escaped):                # the usual head, read the short way
+            try:                                 # reversed: the first of repeated headers wins
+                headers, lines = dict([line.split(":", 1) for line in lines[:0:-1]]), ()
+            except ValueError:                   # a line without a colon: the loop names it
+                pass
         bad_escape = None
         for line in lines[1:]:
             name, colon, value = line.partition(":")
