@@ -218,8 +218,7 @@ class FrameParser:
         """The next complete frame, or None until more bytes arrive."""
         buf, pos, head = self.buffer, self.pos, self.head
         if head is None:
-            if pos < len(buf) and buf[pos] in EOL_BYTES:
-                pos = self._skip_eols()
+            pos = self._skip_eols() if pos < len(buf) and buf[pos] in EOL_BYTES else pos
             if pos == len(buf):
                 if pos:               # all consumed: do not hold the last frame's bytes
                     buf.clear()
@@ -263,9 +262,10 @@ class FrameParser:
 
     def _skip_eols(self):
         """Step over heart-beats and frame-ending EOLs; return where the next frame starts."""
-        self.pos = EOLS.match(self.buffer, self.pos).end()
-        self.scanned = self.newlines = 0
-        return self.pos
+        end = EOLS.match(self.buffer, self.pos).end()
+        if end != self.pos:      # a lone CR stays: a head that starts with it keeps its scan
+            self.pos, self.scanned, self.newlines = end, 0, 0
+        return end
 
     def _find_head_end(self, pos):
         """Where the body starts, after the blank line that ends the head; -1 if not yet here."""

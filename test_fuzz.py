@@ -212,6 +212,26 @@ def test_codec_one_byte_at_a_time_equals_one_piece():
         assert pieces == whole and (pieces_err is None) == (whole_err is None), (pieces_err, whole_err)
 
 
+
+@pytest.mark.parametrize("start", [b"SEND\n", b"\rSEND\n"], ids=["command", "lone CR"])
+def test_a_head_arriving_in_pieces_is_scanned_once(start):
+    """The parser picks up a pending head's search where it stopped, so a client that trickles a
+    big head costs each read only its new bytes, even when the head starts with a lone CR."""
+    seen = []
+
+    class Watched(FrameParser):
+        def _find_head_end(self, pos):
+            seen.append(self.scanned)
+            return super()._find_head_end(pos)
+
+    parser = Watched()
+    parser.feed(start + b"a:b\n" * 500)
+    for _ in range(50):
+        assert parser.next_frame() is None
+        parser.feed(b"x")
+    assert seen[1:] == sorted(seen[1:]) and seen[-1] > len(start) + 4 * 500, seen[:5]
+
+
 # round trip -----------------------------------------------------------------------------------
 
 # Any text but NUL, which the codec refuses in a head (it ends frames on the wire).
