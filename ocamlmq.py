@@ -715,8 +715,8 @@ class MessageStore:
         if self.healthy:
             try:
                 self._insert([msg])
-            except self.StorageError:
-                self._failed()
+            except self.StorageError as e:
+                self._failed(e)
 
     def want_sync(self):
         self.sync_wanted = True
@@ -757,8 +757,8 @@ class MessageStore:
             self._keep_unsaved(msg)
         try:
             self._insert(msgs)
-        except self.StorageError:
-            self._failed()
+        except self.StorageError as e:
+            self._failed(e)
         return msgs
 
     def take_expired(self, now, after, limit):
@@ -792,8 +792,8 @@ class MessageStore:
             self._insert(unsaved)
             self._apply_deletes()
             return read(*args)
-        except self.StorageError:
-            self._failed()
+        except self.StorageError as e:
+            self._failed(e)
             raise
 
     def over(self, max_messages, max_bytes):
@@ -844,9 +844,11 @@ class MessageStore:
             self.backend.commit()
             self.commits += 1
             self.commit_seconds += time.perf_counter() - start
-        except self.StorageError:
-            self._failed()
+        except self.StorageError as e:
+            self._failed(e)
             raise
+        if not self.healthy:
+            log.warning("storage is back")
         self.healthy = True
         self.applied = []
         for msg in self.inserted:
@@ -862,9 +864,13 @@ class MessageStore:
             self.applied += ids
             self.backend.delete(ids)
 
-    def _failed(self):
+    def _failed(self, error):
         """The open transaction is lost: its deletes are to be done again, and its rows go back
-        into memory, to be written at the next flush."""
+        into memory, to be written at the next flush. Logged once per outage, whichever call
+        met it first."""
+        if self.healthy:
+            log.error("storage failed: %s; unreceipted messages are kept in memory, receipted "
+                      "frames get ERRORs, and each flush tries again", error)
         self.healthy = False
         self.deletes = self.applied + self.deletes
         self.applied = []
@@ -1155,7 +1161,6 @@ class Broker:
         except ClientError as e:
             self.fail(client, str(e), frame)
         except self.store.StorageError as e:
-            log.error("storage failed: %s", e)
             self.fail(client, f"storage unavailable: {e}", frame)
         except Exception:         # a bug of ours: end this connection only, keep serving the rest
             log.exception("%s: internal error handling %r", client.session, frame)
@@ -1228,12 +1233,9 @@ class Broker:
     def end_of_turn(self):
         """Group commit: sync this turn's receipted messages before any RECEIPT is written.
         If the disk write fails, the receipts that waited for it become ERRORs."""
-        was_healthy = self.store.healthy
         try:
             self.store.commit()
-        except self.store.StorageError as e:
-            if was_healthy:
-                log.error("storage failed, receipted frames get ERRORs until it is back: %s", e)
+        except self.store.StorageError:
             for client, mark in list(self.awaiting_sync.items()):
                 if client not in self.clients:    # gone meanwhile
                     continue
@@ -1821,8 +1823,7 @@ class Broker:
                     return None
                 try:
                     msgs = self.store.fetch(queue.name, queue.cursor, self.FETCH_BATCH)
-                except self.store.StorageError as e:
-                    log.error("storage failed reading queue %s: %s", queue.name, e)
+                except self.store.StorageError:
                     return None
                 if msgs:
                     heap = queue.heap = [(msg.rank, msg.id, msg) for msg in msgs]  # a heap
@@ -2080,13 +2081,10 @@ class Broker:
         was_healthy = self.store.healthy
         try:
             self.store.flush()
-        except self.store.StorageError as e:
-            if was_healthy:
-                log.error("storage failed, keeping messages in memory and trying again every "
-                          "%gs: %s", self.flush_period, e)
+        except self.store.StorageError:
+            pass
         else:
             if not was_healthy:
-                log.warning("storage is back")
                 for queue in list(self.queues.values()):
                     self.dispatch(queue)
         self.check_backpressure()

@@ -218,6 +218,36 @@ def test_a_full_cache_in_an_outage_holds_producers_back_and_keeps_their_heart_be
     h.broker.shutdown()
 
 
+@pytest.mark.parametrize("first_to_fail", ["a delayed message's timer", "a receipted SEND"])
+def test_an_outage_is_logged_once_whichever_call_meets_it_first(tmp_path, caplog, first_to_fail):
+    """One ERROR line when storage fails, one line when it is back, however many calls fail
+    between. The timers (delayed messages, expiry) used to mark the store unhealthy without a
+    word, and then the failing flushes stayed silent too: the outage was never logged."""
+    h = Harness(tmp_path, flush_period=1.0)
+    client = h.connect()
+    if first_to_fail == "a receipted SEND":
+        lock = Lock(h.db)
+    else:
+        h.feed(client, encode_frame("SEND", {"destination": "/queue/later",
+                                             "AMQ_SCHEDULED_DELAY": "5000"}, b"later"))
+        h.timers.advance(1.0)                 # flushed: the delayed message is on disk
+        lock = Lock(h.db)
+        h.timers.advance(4.5)                 # due now: its rewrite fails
+    for i in range(3):
+        h.feed(client, encode_frame("SEND", {"destination": "/queue/q", "receipt": str(i)}))
+        h.timers.advance(1.0)                 # and a flush retries
+    assert not h.broker.store.healthy
+    lock.release()
+    h.timers.advance(1.0)
+    assert h.broker.store.healthy
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ocamlmq"
+             and "storage" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0][0] == "ERROR" and "locked" in lines[0][1], lines
+    assert lines[1] == ("WARNING", "storage is back"), lines
+    h.broker.shutdown()
+
+
 def test_a_receipted_commit_in_an_outage_applies_nothing(tmp_path):
     """COMMIT is all or nothing: refused whole while storage cannot be written."""
     h = Harness(tmp_path)
