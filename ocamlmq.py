@@ -106,7 +106,6 @@ HEADER_ENCODINGS = {
 ESCAPE_SEQUENCE = re.compile(r"\\.?")
 NEEDS_ENCODING = re.compile(r"[\\:\n\r]")   # a search is far cheaper than a translate
 FRAME_END = b"\0\n"
-EOLS = re.compile(rb"(?:\r?\n)*")
 EOL_BYTES = b"\r\n"
 
 
@@ -261,11 +260,17 @@ class FrameParser:
         return Frame(command, headers, bytes(buf[body_start:body_end]), body_end + 1 - pos)
 
     def _skip_eols(self):
-        """Step over heart-beats and frame-ending EOLs; return where the next frame starts."""
-        end = EOLS.match(self.buffer, self.pos).end()
-        if end != self.pos:      # a lone CR stays: a head that starts with it keeps its scan
-            self.pos, self.scanned, self.newlines = end, 0, 0
-        return end
+        """Step over heart-beats and frame-ending EOLs; return where the next frame starts. A lone
+        CR stays: a head that starts with it keeps its scan."""
+        buf = self.buffer
+        i = self.pos
+        n = len(buf)
+        while i < n and (buf[i] == 10 or (buf[i] == 13 and i + 1 < n and buf[i + 1] == 10)):
+            i += 1
+        if i != self.pos:
+            self.pos = i
+            self.scanned = self.newlines = 0
+        return i
 
     def _find_head_end(self, pos):
         """Where the body starts, after the blank line that ends the head; -1 if not yet here."""
@@ -317,11 +322,6 @@ class FrameParser:
         trim = self.version == "1.0" or command in ("CONNECT", "STOMP")
         escaped = not trim and "\\" in text
         headers = {}
-        if not (trim or escaped):                # the usual head, read the short way
-            try:                                 # reversed: the first of repeated headers wins
-                headers, lines = dict([line.split(":", 1) for line in lines[:0:-1]]), ()
-            except ValueError:                   # a line without a colon: the loop names it
-                pass
         bad_escape = None
         for line in lines[1:]:
             name, colon, value = line.partition(":")
