@@ -2083,10 +2083,9 @@ class Broker:
             self.store.flush()
         except self.store.StorageError:
             pass
-        else:
-            if not was_healthy:
-                for queue in list(self.queues.values()):
-                    self.dispatch(queue)
+        if self.store.healthy and not was_healthy:     # back: what waited for it can go
+            for queue in list(self.queues.values()):
+                self.dispatch(queue)
         self.check_backpressure()
 
     def check_backpressure(self):

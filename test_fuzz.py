@@ -212,7 +212,6 @@ def test_codec_one_byte_at_a_time_equals_one_piece():
         assert pieces == whole and (pieces_err is None) == (whole_err is None), (pieces_err, whole_err)
 
 
-
 @pytest.mark.parametrize("start", [b"SEND\n", b"\rSEND\n"], ids=["command", "lone CR"])
 def test_a_head_arriving_in_pieces_is_scanned_once(start):
     """The parser picks up a pending head's search where it stopped, so a client that trickles a
