@@ -47,6 +47,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import re
 import resource
 import selectors
@@ -106,7 +107,8 @@ HEADER_ENCODINGS = {
 ESCAPE_SEQUENCE = re.compile(r"\\.?")
 NEEDS_ENCODING = re.compile(r"[\\:\n\r]")   # a search is far cheaper than a translate
 FRAME_END = b"\0\n"
-EOL_BYTES = b"\r\n"
+EOL_STARTS = (b"\n", b"\r\n")   # what a heart-beat or a frame-ending EOL starts with
+SPLIT_HEADER = operator.methodcaller("split", ":", 1)
 
 
 def unescape(value, version):
@@ -215,22 +217,20 @@ class FrameParser:
 
     def next_frame(self):
         """The next complete frame, or None until more bytes arrive."""
-        buf, pos, head = self.buffer, self.pos, self.head
-        if head is None:
-            pos = self._skip_eols() if pos < len(buf) and buf[pos] in EOL_BYTES else pos
-            if pos == len(buf):
-                if pos:               # all consumed: do not hold the last frame's bytes
-                    buf.clear()
-                    self.pos = 0
-                return None
-            if buf[pos] == 0:
-                raise ProtocolError("empty frame: NUL where a command was expected")
-            end = self._find_head_end(pos)
-            if end < 0:
-                return None
-            head = self._parse_head(buf[pos:end]) + (end - pos,)
-            self.scanned = end - pos
-        command, headers, length, body_offset = head
+        buf, pos = self.buffer, self.pos
+        if self.head is None:
+            if buf.startswith(EOL_STARTS, pos):
+                pos = self._skip_eols()
+            end = 0 if self.scanned else buf.find(b"\n\n", pos) + 2
+            if end < 2 or buf.find(13, pos, end) >= 0:   # in pieces, or CRs: the careful search
+                end = self._find_head_end(pos)
+                if end < 0:
+                    return None
+            command, headers, length = self._parse_head(buf[pos:end])
+            body_offset = scan_from = end - pos
+        else:
+            command, headers, length, body_offset = self.head
+            scan_from, self.head, self.scanned = self.scanned, None, 0
         body_start = pos + body_offset
         if length is not None:
             body_end = body_start + length
@@ -238,25 +238,22 @@ class FrameParser:
                 raise ProtocolError(f"frame larger than {self.max_frame_size} bytes",
                                     headers.get("receipt"))
             if body_end >= len(buf):
-                self.head = head
+                self.head = command, headers, length, body_offset
                 return None
             if buf[body_end] != 0:
                 raise ProtocolError("frame body does not end with NUL where content-length says",
                                     headers.get("receipt"))
         else:
-            body_end = buf.find(0, pos + self.scanned)
+            body_end = buf.find(0, pos + scan_from)
             if body_end < 0:
-                self.scanned = len(buf) - pos
                 body_end = len(buf)
             if body_end - pos > self.max_frame_size:
                 raise ProtocolError(f"frame larger than {self.max_frame_size} bytes",
                                     headers.get("receipt"))
             if body_end == len(buf):
-                self.head = head
+                self.head, self.scanned = (command, headers, length, body_offset), body_end - pos
                 return None
         self.pos = body_end + 1
-        self.head = None
-        self.scanned = self.newlines = 0
         return Frame(command, headers, bytes(buf[body_start:body_end]), body_end + 1 - pos)
 
     def _skip_eols(self):
@@ -273,19 +270,23 @@ class FrameParser:
         return i
 
     def _find_head_end(self, pos):
-        """Where the body starts, after the blank line that ends the head; -1 if not yet here."""
+        """Where the body starts, after the blank line that ends the head; -1 if not yet here.
+        It checks the limits as the head arrives, so that they hold alike whole or in pieces."""
         buf = self.buffer
+        if buf.startswith(b"\0", pos):
+            raise ProtocolError("empty frame: NUL where a command was expected")
         start = max(pos, pos + self.scanned - 3)
         lf = buf.find(b"\n\n", start)
         crlf = buf.find(b"\n\r\n", start, lf + 2 if lf >= 0 else len(buf))   # one that ends first
-        if crlf >= 0:
-            return crlf + 3
-        if lf >= 0:
-            return lf + 2
+        if crlf >= 0 or lf >= 0:
+            self.scanned = self.newlines = 0
+            return crlf + 3 if crlf >= 0 else lf + 2
+        if pos == len(buf):       # all consumed: do not hold the last frame's bytes
+            buf.clear()
+            self.pos = 0
+            return -1
         if len(buf) - pos > self.max_frame_size:
             raise ProtocolError(f"frame larger than {self.max_frame_size} bytes")
-        # The head is incomplete: check the lines that arrived since the last call, so that the
-        # limits hold the same whether a head arrives whole or in pieces.
         line_start = max(pos, buf.rfind(b"\n", pos, pos + self.scanned) + 1)
         while True:
             eol = buf.find(b"\n", max(line_start, pos + self.scanned))
@@ -312,34 +313,27 @@ class FrameParser:
         if "\r" in text:
             text = text.replace("\r\n", "\n")
         lines = text.split("\n")
-        del lines[-2:]                           # the blank line that ends the head
-        if len(lines) - 1 > self.max_headers:
+        if len(lines) - 3 > self.max_headers:    # the command, the headers, the blank line
             raise ProtocolError(f"more than {self.max_headers} headers")
         if len(head) > self.max_line and max(
                 len(line) - line.endswith(b"\r") for line in head.split(b"\n")) > self.max_line:
             raise ProtocolError(f"header line longer than {self.max_line} bytes")
         command = lines[0]
-        trim = self.version == "1.0" or command in ("CONNECT", "STOMP")
-        escaped = not trim and "\\" in text
-        headers = {}
-        bad_escape = None
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise ProtocolError(f"header line without a colon: {line[:80]!r}")
-            if trim:
-                name, value = name.strip(), value.strip()
-            elif escaped:
+        pairs = list(map(SPLIT_HEADER, lines[-3:0:-1]))    # the last first: the first one wins
+        try:
+            if self.version == "1.0" or command in ("CONNECT", "STOMP"):
+                pairs = [(name.strip(), value.strip()) for name, value in pairs]
+            elif "\\" in text:
                 try:
-                    name, value = unescape(name, self.version), unescape(value, self.version)
-                except ProtocolError as e:    # read on, for the receipt to answer
-                    bad_escape = bad_escape or e
-                    continue
-            if name not in headers:
-                headers[name] = value
-        if bad_escape:
-            bad_escape.receipt = headers.get("receipt")
-            raise bad_escape
+                    pairs = [(unescape(name, self.version), unescape(value, self.version))
+                             for name, value in pairs]
+                except ProtocolError as e:   # answer its receipt all the same
+                    e.receipt = dict(pairs).get("receipt")
+                    raise
+            headers = dict(pairs)
+        except ValueError:
+            line = next(line for line in lines[1:-2] if ":" not in line)
+            raise ProtocolError(f"header line without a colon: {line[:80]!r}") from None
         length = headers.get("content-length")
         if length is not None:
             if not (length.isdigit() and length.isascii()):
@@ -608,12 +602,15 @@ class Message:
         return row
 
     @classmethod
-    def from_row(cls, row):
-        msg_id, queue, rank, ack_timeout, headers, body, deliveries, expires, ready_at = row
+    def from_row(cls, row, queue=None):
+        """From a backend's row: all its columns, or those a fetch of `queue` reads."""
+        if queue is None:
+            msg_id, queue, rank, ack_timeout, headers, body, deliveries, expires, ready_at = row
+            queue = queue if ready_at is None else queue[len(DELAYED):]
+        else:
+            (msg_id, rank, ack_timeout, headers, body, deliveries, expires), ready_at = row, None
         size = len(body) + len(headers)
         headers = [tuple(h) for h in json.loads(headers)] if headers != "[]" else []
-        if ready_at is not None:
-            queue = queue[len(DELAYED):]
         return cls(msg_id, queue, rank, ack_timeout, headers, bytes(body), size, deliveries,
                    expires, ready_at)
 
@@ -746,7 +743,7 @@ class MessageStore:
         self.unsaved = {}         # empty now; a new dict gives back what a million queues took
 
     def fetch(self, queue, after, limit):
-        return [Message.from_row(row)
+        return [Message.from_row(row, queue)
                 for row in self._read(queue, self.backend.fetch, queue, after, limit)]
 
     def take_due(self, now, limit):

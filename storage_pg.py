@@ -48,7 +48,8 @@ COLUMNS = ("id", "queue", "rank", "ack_timeout", "headers", "body", "deliveries"
            "ready_at")
 INSERT = (f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES %s ON CONFLICT (id) DO UPDATE SET "
           + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:]))
-FETCH = (f"SELECT {', '.join(COLUMNS)} FROM messages"
+FETCHED = ("id", "rank", "ack_timeout", "headers", "body", "deliveries", "expires")  # ready rows
+FETCH = (f"SELECT {', '.join(FETCHED)} FROM messages"
          " WHERE queue = %s AND (rank, id) > (%s, %s) ORDER BY rank, id LIMIT %s")
 
 INSERT_BATCH_ROWS = 1000            # rows per INSERT statement
@@ -130,16 +131,16 @@ class PgBackend:
         self._run(commit)
 
     def fetch(self, queue, after, limit):
-        """Up to `limit` rows of `queue` whose (rank, id) key is greater than `after`, in key
-        order; sees the open transaction."""
+        """Up to `limit` rows (FETCHED columns) of `queue` whose (rank, id) key is greater
+        than `after`, in key order; sees the open transaction."""
         rank, msg_id = after
-        return self._rows(FETCH, (queue, rank, msg_id, limit))
+        return self._query(FETCH, (queue, rank, msg_id, limit))
 
     def due(self, column, after, now, limit):
         """Up to `limit` rows whose `column` (ready_at or expires) is after `after` and at or
         before `now`, the earliest first."""
-        return self._rows(f"SELECT {', '.join(COLUMNS)} FROM messages WHERE {column} > %s AND"
-                          f" {column} <= %s ORDER BY {column} LIMIT %s", (after, now, limit))
+        return self._query(f"SELECT {', '.join(COLUMNS)} FROM messages WHERE {column} > %s AND"
+                           f" {column} <= %s ORDER BY {column} LIMIT %s", (after, now, limit))
 
     def next_due(self):
         """The earliest `ready_at`, or None."""
@@ -167,9 +168,6 @@ class PgBackend:
             raise StorageError(f"closing the PostgreSQL connection: {_one_line(e)}") from None
         finally:
             conn.close()
-
-    def _rows(self, sql, params):
-        return [row[:5] + (bytes(row[5]),) + row[6:] for row in self._query(sql, params)]
 
     def _scalar(self, sql, params=()):
         return self._query(sql, params)[0][0]
