@@ -47,7 +47,6 @@ import itertools
 import json
 import logging
 import math
-import operator
 import re
 import resource
 import selectors
@@ -108,7 +107,6 @@ ESCAPE_SEQUENCE = re.compile(r"\\.?")
 NEEDS_ENCODING = re.compile(r"[\\:\n\r]")   # a search is far cheaper than a translate
 FRAME_END = b"\0\n"
 EOL_STARTS = (b"\n", b"\r\n")   # what a heart-beat or a frame-ending EOL starts with
-SPLIT_HEADER = operator.methodcaller("split", ":", 1)
 
 
 def unescape(value, version):
@@ -319,21 +317,27 @@ class FrameParser:
                 len(line) - line.endswith(b"\r") for line in head.split(b"\n")) > self.max_line:
             raise ProtocolError(f"header line longer than {self.max_line} bytes")
         command = lines[0]
-        pairs = list(map(SPLIT_HEADER, lines[-3:0:-1]))    # the last first: the first one wins
-        try:
-            if self.version == "1.0" or command in ("CONNECT", "STOMP"):
-                pairs = [(name.strip(), value.strip()) for name, value in pairs]
-            elif "\\" in text:
+        trim = self.version == "1.0" or command in ("CONNECT", "STOMP")
+        escaped = not trim and "\\" in text
+        headers = {}
+        bad_escape = None
+        for line in lines[1:-2]:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise ProtocolError(f"header line without a colon: {line[:80]!r}")
+            if trim:
+                name, value = name.strip(), value.strip()
+            elif escaped:
                 try:
-                    pairs = [(unescape(name, self.version), unescape(value, self.version))
-                             for name, value in pairs]
-                except ProtocolError as e:   # answer its receipt all the same
-                    e.receipt = dict(pairs).get("receipt")
-                    raise
-            headers = dict(pairs)
-        except ValueError:
-            line = next(line for line in lines[1:-2] if ":" not in line)
-            raise ProtocolError(f"header line without a colon: {line[:80]!r}") from None
+                    name, value = unescape(name, self.version), unescape(value, self.version)
+                except ProtocolError as e:    # read on, for the receipt to answer
+                    bad_escape = bad_escape or e
+                    continue
+            if name not in headers:
+                headers[name] = value
+        if bad_escape:
+            bad_escape.receipt = headers.get("receipt")
+            raise bad_escape
         length = headers.get("content-length")
         if length is not None:
             if not (length.isdigit() and length.isascii()):
