@@ -44,11 +44,8 @@ BUSY_TIMEOUT_MS = 100                # the longest wait for a lock held by anoth
 INSERT_ROWS = 100                   # rows per INSERT: 900 parameters, under sqlite's old 999
 COLUMNS = "id, queue, rank, ack_timeout, headers, body, deliveries, expires, ready_at"
 FETCHED = "id, rank, ack_timeout, headers, body, deliveries, expires"   # of a queue's ready rows
-# The rest of the rank after the cursor, then the ranks after it: written as two ranges, since
-# sqlite seeks only on `rank` for "(rank, id) > (?, ?)" and would step over every row before it.
-FETCH = (f"SELECT {FETCHED} FROM messages WHERE queue = :queue AND rank = :rank AND id > :id"
-         f" UNION ALL SELECT {FETCHED} FROM messages WHERE queue = :queue AND rank > :rank"
-         " ORDER BY rank, id LIMIT :limit")
+FETCH = (f"SELECT {FETCHED} FROM messages"
+         " WHERE queue = ? AND (rank, id) > (?, ?) ORDER BY rank, id LIMIT ?")
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,8 +130,7 @@ class SqliteBackend:
         """Up to `limit` rows (FETCHED columns) of `queue` whose (rank, id) key is greater
         than `after`, in key order."""
         rank, msg_id = after
-        return self._run(lambda: self.db.execute(
-            FETCH, dict(queue=queue, rank=rank, id=msg_id, limit=limit)).fetchall())
+        return self._run(lambda: self.db.execute(FETCH, (queue, rank, msg_id, limit)).fetchall())
 
     def due(self, column, after, now, limit):
         """Up to `limit` rows whose `column` (ready_at or expires) is after `after` and at or
