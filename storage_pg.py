@@ -49,8 +49,19 @@ COLUMNS = ("id", "queue", "rank", "ack_timeout", "headers", "body", "deliveries"
 INSERT = (f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES %s ON CONFLICT (id) DO UPDATE SET "
           + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:]))
 FETCHED = ("id", "rank", "ack_timeout", "headers", "body", "deliveries", "expires")  # ready rows
-FETCH = (f"SELECT {', '.join(FETCHED)} FROM messages"
-         " WHERE queue = %s AND (rank, id) > (%s, %s) ORDER BY rank, id LIMIT %s")
+
+
+def page(columns, where, order):
+    """A SELECT of `columns` of the rows `where` says, in `order`: at most LIMIT %s of them, up
+    to the one whose body brings their bodies to %s bytes (a page of big messages stays small).
+    octet_length reads a stored body's size without reading the body."""
+    columns = ", ".join(columns)
+    return (f"SELECT {columns} FROM (SELECT {columns}, sum(octet_length(body)) OVER (ORDER BY"
+            f" {order} ROWS UNBOUNDED PRECEDING) - octet_length(body) AS before FROM messages"
+            f" WHERE {where} ORDER BY {order} LIMIT %s) AS page WHERE before < %s ORDER BY {order}")
+
+
+FETCH = page(FETCHED, "queue = %s AND (rank, id) > (%s, %s)", "rank, id")
 
 INSERT_BATCH_ROWS = 1000            # rows per INSERT statement
 INSERT_BATCH_BYTES = 8 << 20        # and about this many bytes of headers and bodies
@@ -130,17 +141,17 @@ class PgBackend:
                 cur.execute("COMMIT")
         self._run(commit)
 
-    def fetch(self, queue, after, limit):
-        """Up to `limit` rows (FETCHED columns) of `queue` whose (rank, id) key is greater
-        than `after`, in key order; sees the open transaction."""
+    def fetch(self, queue, after, limit, max_bytes):
+        """A page (see `page`) of `queue`'s rows (FETCHED columns) whose (rank, id) key is
+        greater than `after`, in key order; sees the open transaction."""
         rank, msg_id = after
-        return self._query(FETCH, (queue, rank, msg_id, limit))
+        return self._query(FETCH, (queue, rank, msg_id, limit, max_bytes))
 
-    def due(self, column, after, now, limit):
-        """Up to `limit` rows whose `column` (ready_at or expires) is after `after` and at or
-        before `now`, the earliest first."""
-        return self._query(f"SELECT {', '.join(COLUMNS)} FROM messages WHERE {column} > %s AND"
-                           f" {column} <= %s ORDER BY {column} LIMIT %s", (after, now, limit))
+    def due(self, column, after, now, limit, max_bytes):
+        """A page (see `page`) of the rows whose `column` (ready_at or expires) is after `after`
+        and at or before `now`, the earliest first."""
+        return self._query(page(COLUMNS, f"{column} > %s AND {column} <= %s", f"{column}, id"),
+                           (after, now, limit, max_bytes))
 
     def next_due(self):
         """The earliest `ready_at`, or None."""

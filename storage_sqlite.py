@@ -126,18 +126,30 @@ class SqliteBackend:
             self.db.execute("BEGIN")
         self._run(commit_and_begin)
 
-    def fetch(self, queue, after, limit):
-        """Up to `limit` rows (FETCHED columns) of `queue` whose (rank, id) key is greater
-        than `after`, in key order."""
+    def fetch(self, queue, after, limit, max_bytes):
+        """A page (see _page) of `queue`'s rows (FETCHED columns) whose (rank, id) key is
+        greater than `after`, in key order."""
         rank, msg_id = after
-        return self._run(lambda: self.db.execute(FETCH, (queue, rank, msg_id, limit)).fetchall())
+        return self._page(FETCH, (queue, rank, msg_id, limit), max_bytes, body=4)
 
-    def due(self, column, after, now, limit):
-        """Up to `limit` rows whose `column` (ready_at or expires) is after `after` and at or
-        before `now`, the earliest first."""
-        return self._run(lambda: self.db.execute(
-            f"SELECT {COLUMNS} FROM messages WHERE {column} > ? AND {column} <= ?"
-            f" ORDER BY {column} LIMIT ?", (after, now, limit)).fetchall())
+    def due(self, column, after, now, limit, max_bytes):
+        """A page (see _page) of the rows whose `column` (ready_at or expires) is after `after`
+        and at or before `now`, the earliest first."""
+        return self._page(f"SELECT {COLUMNS} FROM messages WHERE {column} > ? AND {column} <= ?"
+                          f" ORDER BY {column} LIMIT ?", (after, now, limit), max_bytes, body=5)
+
+    def _page(self, sql, params, max_bytes, body):
+        """The rows of `sql` (at most its LIMIT), up to the one whose body (column `body`)
+        brings their bodies to `max_bytes`: a page of big messages stays small."""
+        def read():
+            rows, size = [], 0
+            for row in self.db.execute(sql, params):
+                rows.append(row)
+                size += len(row[body])
+                if size >= max_bytes:
+                    break
+            return rows
+        return self._run(read)
 
     def next_due(self):
         """The earliest `ready_at`, or None."""

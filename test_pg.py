@@ -70,6 +70,7 @@ def ids(rows):
 
 
 FIRST = (-(1 << 63), 0)   # a key before every row
+MiB = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,28 +85,28 @@ def test_schema_is_created_once_and_reopened(backends):
     b.close()
     again = backends()                       # tables exist now: nothing is recreated or lost
     assert again.max_id() == 7
-    assert ids(again.fetch("q", FIRST, 10)) == [7]
+    assert ids(again.fetch("q", FIRST, 10, MiB)) == [7]
 
 
 def test_fetch_orders_by_priority_then_age(backends):
     b = backends()
     b.insert([row(1, priority=0), row(2, priority=5), row(3, priority=-3), row(4, priority=5),
               row(5, priority=0), row(6, priority=-3), row(7, priority=9, queue="other")])
-    rows = b.fetch("q", FIRST, 100)
+    rows = b.fetch("q", FIRST, 100, MiB)
     assert ids(rows) == [2, 4, 1, 5, 3, 6]
     assert [r[1] for r in rows] == [-5, -5, 0, 0, 3, 3]      # FETCHED: id, rank, ...
-    assert ids(b.fetch("other", FIRST, 100)) == [7]
-    assert b.fetch("nothing", FIRST, 100) == []
+    assert ids(b.fetch("other", FIRST, 100, MiB)) == [7]
+    assert b.fetch("nothing", FIRST, 100, MiB) == []
 
 
 def test_fetch_pages_after_a_key(backends):
     b = backends()
     b.insert([row(i, priority=i % 3 - 1) for i in range(1, 31)])
-    everything = b.fetch("q", FIRST, 1000)
+    everything = b.fetch("q", FIRST, 1000, MiB)
     assert len(everything) == 30
     pages, key = [], FIRST
     while True:
-        page = b.fetch("q", key, 7)
+        page = b.fetch("q", key, 7, MiB)
         assert len(page) <= 7
         if not page:
             break
@@ -113,7 +114,21 @@ def test_fetch_pages_after_a_key(backends):
         key = (page[-1][1], page[-1][0])
     assert pages == everything
     # a key in the middle of one priority band
-    assert ids(b.fetch("q", (0, 14), 3)) == [16, 19, 22]      # rank 0: ids 1, 4, 7, ...
+    assert ids(b.fetch("q", (0, 14), 3, MiB)) == [16, 19, 22]      # rank 0: ids 1, 4, 7, ...
+
+
+def test_pages_stop_at_the_row_that_brings_the_bodies_to_max_bytes(backends):
+    b = backends()
+    b.insert([row(i, body=bytes(300_000)) for i in range(1, 11)]
+             + [row(i, "other", body=bytes(3 * MiB)) for i in (11, 12)])
+    b.commit()
+    assert ids(b.fetch("q", FIRST, 100, MiB)) == [1, 2, 3, 4]       # 1.2 MB >= 1 MiB
+    assert ids(b.fetch("q", FIRST, 2, MiB)) == [1, 2]
+    assert ids(b.fetch("other", FIRST, 100, MiB)) == [11]          # one big row all the same
+    b.insert([(13, "q", 0, None, "[]", bytes(MiB), 0, 5.0, None),
+              (14, "q", 0, None, "[]", b"x", 0, 6.0, None)])
+    assert ids(b.due("expires", 0, 10, 100, MiB)) == [13]
+    assert ids(b.due("expires", 0, 10, 100, MiB + 1)) == [13, 14]
 
 
 def test_fetch_is_one_index_range_scan(backends):
@@ -123,7 +138,7 @@ def test_fetch_is_one_index_range_scan(backends):
     with b.conn.cursor() as cur:
         cur.execute("SET enable_seqscan = off")
         cur.execute("SET enable_bitmapscan = off")
-        cur.execute("EXPLAIN " + cur.mogrify(storage_pg.FETCH, ("q", 0, 10, 50)).decode())
+        cur.execute("EXPLAIN " + cur.mogrify(storage_pg.FETCH, ("q", 0, 10, 50, MiB)).decode())
         plan = "\n".join(r[0] for r in cur.fetchall())
     b.conn.rollback()
     assert "Index Scan using messages_by_queue" in plan, plan
@@ -137,7 +152,7 @@ def test_rows_round_trip_with_bytes_bodies(backends):
     b.insert([row(1, body=b"a\x00b\xff", ack_timeout=2.5, headers='[["x-custom","v"]]'),
               row(2, body=b""), row(3, body=big)])
     b.commit()
-    got = backends().fetch("q", FIRST, 10)
+    got = backends().fetch("q", FIRST, 10, MiB)
     got = [row[:4] + (bytes(row[4]),) + row[5:] for row in got]    # psycopg2 gives memoryviews
     assert got[0] == (1, 0, 2.5, '[["x-custom","v"]]', b"a\x00b\xff", 0, None)
     assert got[1] == (2, 0, None, "[]", b"", 0, None)
@@ -150,7 +165,7 @@ def test_count_and_delete(backends):
     assert b.count(["q"], 0) == 10 and b.count(["other"], 0) == 1 and b.count(["none"], 0) == 0
     b.delete([2, 4, 6, 999])                 # an unknown id is ignored
     assert b.count(["q"], 0) == 7
-    assert ids(b.fetch("q", FIRST, 100)) == [1, 3, 5, 7, 8, 9, 10]
+    assert ids(b.fetch("q", FIRST, 100, MiB)) == [1, 3, 5, 7, 8, 9, 10]
     b.delete([])
     b.delete(iter([1, 3]))
     b.commit()
@@ -164,10 +179,10 @@ def test_open_transaction_is_seen_by_its_connection_only_until_commit(backends):
     b.commit()
     b.insert([row(3)])
     b.delete([1])
-    assert ids(b.fetch("q", FIRST, 10)) == [2, 3]          # uncommitted writes are visible here
-    assert ids(other.fetch("q", FIRST, 10)) == [1, 2]      # and nowhere else
+    assert ids(b.fetch("q", FIRST, 10, MiB)) == [2, 3]          # uncommitted writes are visible here
+    assert ids(other.fetch("q", FIRST, 10, MiB)) == [1, 2]      # and nowhere else
     b.commit()
-    assert ids(other.fetch("q", FIRST, 10)) == [2, 3]
+    assert ids(other.fetch("q", FIRST, 10, MiB)) == [2, 3]
 
 
 def test_reads_leave_no_transaction_open(backends):
@@ -178,11 +193,11 @@ def test_reads_leave_no_transaction_open(backends):
             cur.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
                         (b.conn.get_backend_pid(),))
             return cur.fetchone()[0]
-    b.max_id(), b.count(["q"], 0), b.fetch("q", FIRST, 10)
+    b.max_id(), b.count(["q"], 0), b.fetch("q", FIRST, 10, MiB)
     assert state() == "idle"                 # no locks held between the broker's calls
     b.insert([row(1)])
     assert state() == "idle in transaction"
-    b.fetch("q", FIRST, 10)
+    b.fetch("q", FIRST, 10, MiB)
     b.commit()
     assert state() == "idle"
     b.commit()                               # nothing to commit: fine
@@ -200,7 +215,7 @@ def test_commit_survives_a_server_crash(cluster, backends):
     cluster.stop("immediate")                # no shutdown checkpoint: recovery replays the WAL
     cluster.start()
     fresh = backends()
-    assert ids(fresh.fetch("q", FIRST, 10)) == [1, 2]
+    assert ids(fresh.fetch("q", FIRST, 10, MiB)) == [1, 2]
     with fresh.conn.cursor() as cur:
         cur.execute("SHOW synchronous_commit")
         assert cur.fetchone()[0] == "on"
@@ -215,7 +230,7 @@ def test_insert_is_idempotent(backends):
     b.insert([row(3), row(3)])               # even twice in one batch
     b.commit()
     assert b.count(["q"], 0) == 3
-    assert ids(backends().fetch("q", FIRST, 10)) == [1, 2, 3]
+    assert ids(backends().fetch("q", FIRST, 10, MiB)) == [1, 2, 3]
 
 
 def test_ten_thousand_rows_insert_and_delete_in_one_call_each(backends):
@@ -225,7 +240,7 @@ def test_ten_thousand_rows_insert_and_delete_in_one_call_each(backends):
     b.insert(rows)
     b.commit()
     assert b.count(["q"], 0) == 10000
-    assert ids(backends().fetch("q", FIRST, 3)) == [4, 9, 14]      # priority 4 first
+    assert ids(backends().fetch("q", FIRST, 3, MiB)) == [4, 9, 14]      # priority 4 first
     b.delete(range(1, 10001))
     b.commit()
     assert b.count(["q"], 0) == 0
@@ -239,7 +254,7 @@ def test_conninfo_may_be_a_uri_or_come_from_pg_variables(cluster, pg, backends, 
     for var, value in (("PGHOST", "127.0.0.1"), ("PGPORT", str(cluster.port)),
                        ("PGUSER", "postgres"), ("PGDATABASE", dbname)):
         monkeypatch.setenv(var, value)
-    assert ids(backends("").fetch("q", FIRST, 10)) == [1]
+    assert ids(backends("").fetch("q", FIRST, 10, MiB)) == [1]
 
 
 def test_unreachable_server_is_a_one_line_storage_error():
@@ -264,10 +279,10 @@ def test_a_failed_statement_rolls_back_and_the_backend_goes_on(backends):
     with pytest.raises(storage_pg.StorageError):
         b.insert([(3, "q", 1 << 70, None, "[]", b"")])     # out of bigint range
     assert b.conn is not None
-    assert ids(b.fetch("q", FIRST, 10)) == [1]             # the open transaction is gone
+    assert ids(b.fetch("q", FIRST, 10, MiB)) == [1]             # the open transaction is gone
     b.insert([row(2)])
     b.commit()
-    assert ids(backends().fetch("q", FIRST, 10)) == [1, 2]
+    assert ids(backends().fetch("q", FIRST, 10, MiB)) == [1, 2]
 
 
 def test_outage_raises_storage_error_then_reconnects(cluster, backends):
@@ -276,7 +291,7 @@ def test_outage_raises_storage_error_then_reconnects(cluster, backends):
     b.commit()
     b.insert([row(2)])                       # lost with the connection
     cluster.stop()
-    for call in (lambda: b.insert([row(3)]), b.commit, lambda: b.fetch("q", FIRST, 10),
+    for call in (lambda: b.insert([row(3)]), b.commit, lambda: b.fetch("q", FIRST, 10, MiB),
                  lambda: b.count(["q"], 0), b.max_id, lambda: b.delete([1])):
         t0 = time.monotonic()
         with pytest.raises(storage_pg.StorageError) as err:
@@ -289,14 +304,14 @@ def test_outage_raises_storage_error_then_reconnects(cluster, backends):
     assert b.conn is not None
     b.insert([row(2), row(3)])               # the caller redoes its uncommitted batch
     b.commit()
-    assert ids(backends().fetch("q", FIRST, 10)) == [1, 2, 3]
+    assert ids(backends().fetch("q", FIRST, 10, MiB)) == [1, 2, 3]
 
 
 def test_close_commits_and_a_closed_backend_refuses(backends):
     b = backends()
     b.insert([row(1)])
     b.close()
-    assert ids(backends().fetch("q", FIRST, 10)) == [1]
+    assert ids(backends().fetch("q", FIRST, 10, MiB)) == [1]
     with pytest.raises(storage_pg.StorageError):
         b.count(["q"], 0)
 
