@@ -40,6 +40,7 @@ and is read in batches, in delivery order, as the window drains.
 
 import base64
 import collections
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -108,6 +109,7 @@ ESCAPE_SEQUENCE = re.compile(r"\\.?")
 NEEDS_ENCODING = re.compile(r"[\\:\n\r]")   # a search is far cheaper than a translate
 FRAME_END = b"\0\n"
 EOL_STARTS = (b"\n", b"\r\n")   # what a heart-beat or a frame-ending EOL starts with
+EOLS = re.compile(rb"(?:\r?\n)+")
 
 
 def unescape(value, version):
@@ -166,10 +168,6 @@ def encode_message_tail(destination, headers, body_length, version):
     custom = encode_headers(headers, version) if headers else b""
     return b"destination:%s\ncontent-length:%d\n%s\n" % (destination.encode(), body_length,
                                                            custom)
-
-
-def frame_size(buffers):
-    return sum(map(len, buffers))
 
 
 def encode_frame(command, headers, body=None, version="1.2"):
@@ -256,17 +254,11 @@ class FrameParser:
         return Frame(command, headers, bytes(buf[body_start:body_end]), body_end + 1 - pos)
 
     def _skip_eols(self):
-        """Step over heart-beats and frame-ending EOLs; return where the next frame starts. A lone
-        CR stays: a head that starts with it keeps its scan."""
-        buf = self.buffer
-        i = self.pos
-        n = len(buf)
-        while i < n and (buf[i] == 10 or (buf[i] == 13 and i + 1 < n and buf[i + 1] == 10)):
-            i += 1
-        if i != self.pos:
-            self.pos = i
-            self.scanned = self.newlines = 0
-        return i
+        """Step over the heart-beats and frame-ending EOLs at `pos` (there is one); return where
+        the next frame starts."""
+        self.pos = EOLS.match(self.buffer, self.pos).end()
+        self.scanned = self.newlines = 0
+        return self.pos
 
     def _find_head_end(self, pos):
         """Where the body starts, after the blank line that ends the head; -1 if not yet here.
@@ -658,17 +650,18 @@ class MessageStore:
       commit()            end of a reactor turn: insert the batch and apply the deletes, synced
                           in one transaction; nothing at all when no receipt waits.
       flush()             write the cache too (every -flush-period, or when over -maxmsgs).
-      fetch(queue, after), count(queue, now), take_due(now) (delayed messages whose time has
-      come, made ready), take_expired(now, after), next_due(), max_id(), close(). A fetch,
-      take_due or take_expired reads a page: see full_page.
+      fetch(queue, after), take_due(now) (delayed messages whose time has come, made ready),
+      take_expired(now, after) (each reads a page: see full_page), count(queue, now),
+      next_due(), max_id(), close().
     Reads see everything: the queue's unsaved messages are inserted into the open transaction
     first (no sync), and the pending deletes applied.
 
     A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows (see
     Message.row): max_id(), insert(rows) (replacing rows of the same ids), delete(ids),
-    commit(), fetch(queue, after, rows, max_bytes), due(column, after, now, rows, max_bytes) (both
-    stop after `rows` rows, or the row that brings their bodies to `max_bytes`), next_due(),
-    count(queues, now), close(). Writes join an open transaction that commit() makes durable; reads see it.
+    commit(), fetch(queue, after, rows, max_bytes), due(column, after, now, rows, max_bytes),
+    next_due(), count(queues, now), close(). Writes join an open transaction that commit()
+    makes durable; reads see it. A fetch or due stops after `rows` rows, or after the one that
+    brings their bodies to `max_bytes`.
     A failure raises the backend's StorageError and loses that transaction: the store keeps in
     memory all that was not committed (RECACHED), says `healthy = False`, and tries again only
     at the next flush.
@@ -818,10 +811,7 @@ class MessageStore:
         self.backend.close()
 
     def _keep_unsaved(self, msg):
-        msgs = self.unsaved.get(msg.queue)
-        if msgs is None:
-            msgs = self.unsaved[msg.queue] = {}
-        msgs[msg.id] = msg
+        self.unsaved.setdefault(msg.queue, {})[msg.id] = msg
         self.unsaved_count += 1
         self.unsaved_bytes += msg.size
 
@@ -1038,13 +1028,10 @@ def ring_remove(head, sub):
 
 
 def ring_members(head):
-    members = []
-    sub = head
-    while sub is not None:
+    members, sub = [], head
+    while sub is not None and not (members and sub is head):
         members.append(sub)
         sub = sub.next
-        if sub is head:
-            break
     return members
 
 
@@ -1163,7 +1150,8 @@ class Broker:
                         break
                 if self.producers_held and self.needs_storage(frame):
                     client.held_frame = frame
-                    self.pause_reading(client)
+                    client.reading_paused = True
+                    self.to_write.add(client)     # the reactor stops reading its socket
                     break
                 self.handle(client, frame)
                 frame = None
@@ -1213,7 +1201,7 @@ class Broker:
                         break
                     released += size
                 else:
-                    size = frame_size(frame)
+                    size = sum(map(len, frame))
                     if done < size:
                         break
                     self.let_go(client, frame, size)
@@ -1285,7 +1273,7 @@ class Broker:
         """A frame (of `size` bytes) left an outbox, written or dropped: uncount what it held.
         A topic MESSAGE's shared buffers (..., tail, body, FRAME_END) are uncounted with the
         last frame that holds them."""
-        size = frame_size(frame) if size is None else size
+        size = sum(map(len, frame)) if size is None else size
         if len(frame) > 2 and type(frame[-2]) is memoryview:
             self.held -= size - len(frame[-3]) - len(frame[-2])
             self.unshare(frame[-2])
@@ -1308,7 +1296,7 @@ class Broker:
         dropped = client.outbox[keep:]
         del client.outbox[keep:]
         for frame in dropped:
-            client.unsent -= frame_size(frame)
+            client.unsent -= sum(map(len, frame))
             self.let_go(client, frame)
         client.frames_queued -= len(dropped)
         after_write = client.after_write
@@ -1391,10 +1379,6 @@ class Broker:
         ciphertext not yet sent): counted like the outbox."""
         self.held += size - client.transport_held
         client.transport_held = size
-
-    def pause_reading(self, client):
-        client.reading_paused = True
-        self.to_write.add(client)     # the reactor stops reading its socket
 
     def resume_reading(self):
         for client in [c for c in self.clients if c.reading_paused]:
@@ -2091,10 +2075,8 @@ class Broker:
     def flush(self):
         """Write the cache; while storage is unavailable this is the one retry per period."""
         was_healthy = self.store.healthy
-        try:
+        with contextlib.suppress(self.store.StorageError):
             self.store.flush()
-        except self.store.StorageError:
-            pass
         if self.store.healthy and not was_healthy:     # back: what waited for it can go
             for queue in list(self.queues.values()):
                 self.dispatch(queue)
@@ -2258,7 +2240,8 @@ class Reactor:
         for key, events in self.selector.select(timeout):
             if type(key.data) is str:
                 if key.data == "wakeup":
-                    self.drain_wakeup()
+                    with contextlib.suppress(BlockingIOError, InterruptedError):
+                        self.wakeup_r.recv(4096)      # one byte per signal
                 else:
                     self.accept(key.fileobj, key.data)
             else:
@@ -2373,10 +2356,14 @@ class Reactor:
         conn = self.connections.get(client)
         if conn is None:
             return
-        if conn.tls is None:
-            sent = self.send_plain(client, conn.sock)
-        else:
+        if conn.tls is not None:
             sent = self.send_tls(client, conn)
+        elif client.outbox:
+            sent = self.sock_send(client, conn.sock, self.outbox_bytes(client))
+            if sent:
+                self.broker.output_written(client, sent)
+        else:
+            sent = 0
         if sent is None:
             return
         outbox = client.outbox
@@ -2414,13 +2401,6 @@ class Reactor:
             parts.append(buf)
             size += len(buf)
         return b"".join(parts)
-
-    def send_plain(self, client, sock):
-        """Send what the kernel takes; None if the connection is gone."""
-        sent = self.sock_send(client, sock, self.outbox_bytes(client)) if client.outbox else 0
-        if sent:
-            self.broker.output_written(client, sent)
-        return sent
 
     def sock_send(self, client, sock, data):
         """sock.send(data): how much the kernel took, or None if the connection is gone."""
@@ -2477,12 +2457,6 @@ class Reactor:
         self.watch(conn.sock, client, 0)
         conn.sock.close()
         self.broker.connection_lost(client)
-
-    def drain_wakeup(self):
-        try:
-            self.wakeup_r.recv(4096)      # one byte per signal
-        except (BlockingIOError, InterruptedError):
-            pass
 
     def request_stop(self, signum, frame):
         self.stopping = True
@@ -2682,23 +2656,16 @@ def open_backend(settings):
     return storage_sqlite.SqliteBackend(settings["database"]), storage_sqlite.StorageError
 
 
-def raise_open_file_limit():
+def tune_process():
+    """As many open files as allowed (each connection takes one). And glibc's malloc maps each
+    buffer of 128 KiB or more by itself, unmapped when freed: else the holes that big bodies
+    leave in its heap can double the broker's memory."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def map_big_buffers_apart():
-    """Have glibc's malloc map every buffer of 128 KiB or more by itself, and unmap it when
-    freed. By default it serves big buffers from its heap once one is freed, and there the
-    holes between big bodies can hold on to more memory than the bodies (2-3x, measured)."""
-    try:
-        ctypes.CDLL(None).mallopt(-3, 128 * 1024)     # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):                 # not glibc: its own malloc
-        pass
+    with contextlib.suppress(OSError, AttributeError):    # not glibc: its own malloc
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)         # -3: M_MMAP_THRESHOLD
 
 
 class StartupError(Exception):
@@ -2744,8 +2711,7 @@ def main(argv):
         return 2
     logging.basicConfig(level=logging.DEBUG if settings["debug"] else logging.INFO,
                         format="%(asctime)s ocamlmq %(levelname)s %(message)s")
-    raise_open_file_limit()
-    map_big_buffers_apart()
+    tune_process()
     try:
         reactor, storage_error = start(settings)
     except StartupError as e:

@@ -17,6 +17,7 @@ idempotent (INSERT ... ON CONFLICT (id) DO UPDATE) so a batch may be written twi
 the connection died while COMMIT was in flight.
 """
 
+import contextlib
 import os
 
 try:
@@ -52,9 +53,8 @@ FETCHED = ("id", "rank", "ack_timeout", "headers", "body", "deliveries", "expire
 
 
 def page(columns, where, order):
-    """A SELECT of `columns` of the rows `where` says, in `order`: at most LIMIT %s of them, up
-    to the one whose body brings their bodies to %s bytes (a page of big messages stays small).
-    octet_length reads a stored body's size without reading the body."""
+    """A SELECT of `columns` of the rows `where` says, in `order`: at most LIMIT %s, up to the
+    one whose body brings their bodies to %s bytes (octet_length does not read a body)."""
     columns = ", ".join(columns)
     return (f"SELECT {columns} FROM (SELECT {columns}, sum(octet_length(body)) OVER (ORDER BY"
             f" {order} ROWS UNBOUNDED PRECEDING) - octet_length(body) AS before FROM messages"
@@ -167,18 +167,12 @@ class PgBackend:
 
     def close(self):
         """Commit what is pending and disconnect; a broken backend just forgets its state."""
-        conn, self.conn, self.closed = self.conn, None, True
-        if conn is None:
-            return
         try:
-            if self.in_transaction:
-                self.in_transaction = False
-                with conn.cursor() as cur:
-                    cur.execute("COMMIT")
-        except psycopg2.Error as e:
-            raise StorageError(f"closing the PostgreSQL connection: {_one_line(e)}") from None
+            if self.conn is not None:
+                self.commit()
         finally:
-            conn.close()
+            self._drop()
+            self.closed = True
 
     def _scalar(self, sql, params=()):
         return self._query(sql, params)[0][0]
@@ -235,10 +229,8 @@ class PgBackend:
         conn, self.conn = self.conn, None
         self.in_transaction = False
         if conn is not None:
-            try:
+            with contextlib.suppress(psycopg2.Error):
                 conn.close()
-            except psycopg2.Error:
-                pass
 
     def _reconnect(self):
         if self.closed:

@@ -15,6 +15,7 @@ so that scan never meets it; two partial indexes find the rows whose `ready_at` 
 past without reading the others.
 """
 
+import contextlib
 import fcntl
 import functools
 import sqlite3
@@ -186,9 +187,7 @@ class SqliteBackend:
         """A failure loses the open transaction (the store writes it all again): roll back
         what sqlite did not, so that no stale snapshot or half-done write stays behind, and
         open a new one for the writes that follow."""
-        try:
+        with contextlib.suppress(sqlite3.Error):     # else the next call fails and tries again
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             self.db.execute("BEGIN")
-        except sqlite3.Error:
-            pass                  # the next call fails and tries again
