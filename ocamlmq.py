@@ -658,10 +658,10 @@ class MessageStore:
 
     A backend (storage_sqlite.SqliteBackend, storage_pg.PgBackend) only stores rows (see
     Message.row): max_id(), insert(rows) (replacing rows of the same ids), delete(ids),
-    commit(), fetch(queue, after, rows, max_bytes), due(column, after, now, rows, max_bytes),
-    next_due(), count(queues, now), close(). Writes join an open transaction that commit()
-    makes durable; reads see it. A fetch or due stops after `rows` rows, or after the one that
-    brings their bodies to `max_bytes`.
+    commit(), fetch(queue, after, rows, max_bytes), due(column, after, now, rows, max_bytes) (by
+    the key (column, id)), next_due(), count(queues, now), close(). Writes join an open
+    transaction that commit() makes durable; reads see it. A fetch or due stops after `rows`
+    rows, or after the one that brings their bodies to `max_bytes`.
     A failure raises the backend's StorageError and loses that transaction: the store keeps in
     memory all that was not committed (RECACHED), says `healthy = False`, and tries again only
     at the next flush.
@@ -767,11 +767,11 @@ class MessageStore:
         return msgs
 
     def take_expired(self, now, after):
-        """A page of messages on disk that expired after `after`, but for those in the cache."""
+        """A page of messages on disk expired by `now`, (expires, id) after `after`, not cached."""
         return [msg for msg in self._due("expires", now, after)
                 if msg.id not in self.unsaved.get(msg.queue, ())]
 
-    def _due(self, column, now, after=-math.inf):
+    def _due(self, column, now, after=(-math.inf, 0)):
         return [Message.from_row(row) for row in self._read(
             None, self.backend.due, column, after, now, PAGE_ROWS, PAGE_BYTES)]
 
@@ -1119,7 +1119,7 @@ class Broker:
                                      "dead_lettered", "expired"), 0)   # for /metrics
         call_later(self.flush_period, self.periodic_flush)
         self.due_at = self.due_timer = None     # when the first delayed message is due
-        self.purged_to = -math.inf    # where the purge of expired messages goes on
+        self.purged_to = (-math.inf, 0)   # the (expires, id) key the purge goes on after
         self.watch_due(store.next_due())
 
     # ---- what the reactor calls ------------------------------------------------------------
@@ -2063,7 +2063,7 @@ class Broker:
         except self.store.StorageError:
             return
         more = full_page(msgs)
-        self.purged_to = msgs[-1].expires if more else -math.inf
+        self.purged_to = (msgs[-1].expires, msgs[-1].id) if more else (-math.inf, 0)
         queues = self.queues
         for msg in msgs:
             if msg.queue not in queues or msg.ready_at is not None or (

@@ -148,10 +148,10 @@ class PgBackend:
         return self._query(FETCH, (queue, rank, msg_id, limit, max_bytes))
 
     def due(self, column, after, now, limit, max_bytes):
-        """A page (see `page`) of the rows whose `column` (ready_at or expires) is after `after`
-        and at or before `now`, the earliest first."""
-        return self._query(page(COLUMNS, f"{column} > %s AND {column} <= %s", f"{column}, id"),
-                           (after, now, limit, max_bytes))
+        """A page (see `page`) of the rows whose `column` (ready_at or expires) is at or before
+        `now`, and whose (column, id) key is greater than `after`, in key order."""
+        return self._query(page(COLUMNS, f"({column}, id) > (%s, %s) AND {column} <= %s",
+                                f"{column}, id"), (*after, now, limit, max_bytes))
 
     def next_due(self):
         """The earliest `ready_at`, or None."""

@@ -134,10 +134,10 @@ class SqliteBackend:
         return self._page(FETCH, (queue, rank, msg_id, limit), max_bytes, body=4)
 
     def due(self, column, after, now, limit, max_bytes):
-        """A page (see _page) of the rows whose `column` (ready_at or expires) is after `after`
-        and at or before `now`, the earliest first."""
-        return self._page(f"SELECT {COLUMNS} FROM messages WHERE {column} > ? AND {column} <= ?"
-                          f" ORDER BY {column} LIMIT ?", (after, now, limit), max_bytes, body=5)
+        """A page (_page) of the rows due by `now`, after `after` by their (column, id) key."""
+        sql = (f"SELECT {COLUMNS} FROM messages WHERE ({column}, id) > (?, ?) AND {column} <= ?"
+               f" ORDER BY {column}, id LIMIT ?")
+        return self._page(sql, (*after, now, limit), max_bytes, body=5)
 
     def _page(self, sql, params, max_bytes, body):
         """The rows of `sql` (at most its LIMIT), up to the one whose body (column `body`)

@@ -127,8 +127,8 @@ def test_pages_stop_at_the_row_that_brings_the_bodies_to_max_bytes(backends):
     assert ids(b.fetch("other", FIRST, 100, MiB)) == [11]          # one big row all the same
     b.insert([(13, "q", 0, None, "[]", bytes(MiB), 0, 5.0, None),
               (14, "q", 0, None, "[]", b"x", 0, 6.0, None)])
-    assert ids(b.due("expires", 0, 10, 100, MiB)) == [13]
-    assert ids(b.due("expires", 0, 10, 100, MiB + 1)) == [13, 14]
+    assert ids(b.due("expires", (0, 0), 10, 100, MiB)) == [13]
+    assert ids(b.due("expires", (0, 0), 10, 100, MiB + 1)) == [13, 14]
 
 
 def test_fetch_is_one_index_range_scan(backends):
