@@ -1058,6 +1058,14 @@ class Queue:
         self.in_flight = 0        # delivered, not ACKed
 
 
+try:   # glibc's malloc keeps in its heap the pages that big bodies freed (with 1 MB messages, as
+       # much again as the memory in use); malloc_trim, called every flush period, gives them back
+    give_back_free_memory = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):     # another C library: nothing to do
+    def give_back_free_memory(pad):
+        pass
+
+
 HEART_BEAT_FRAME = (b"\n",)
 LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})   # a Prometheus label value
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
@@ -2025,6 +2033,7 @@ class Broker:
     def periodic_flush(self):
         self.purge_expired()
         self.flush()
+        give_back_free_memory(0)
         self.call_later(self.flush_period, self.periodic_flush)
 
     def watch_due(self, ready_at):
@@ -2656,17 +2665,11 @@ def open_backend(settings):
     return storage_sqlite.SqliteBackend(settings["database"]), storage_sqlite.StorageError
 
 
-def tune_process():
-    """As many open files as allowed (each connection takes one). And glibc's malloc maps each
-    buffer of 512 KiB or more by itself, unmapped when freed: else the holes that big bodies
-    leave in its heap can double the broker's memory. (Not less: reads and writes use buffers
-    of 256 KiB, and mapping each one costs a page fault per 4 KiB.)"""
+def raise_open_file_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with contextlib.suppress(OSError, AttributeError):    # not glibc: its own malloc
-        ctypes.CDLL(None).mallopt(-3, 512 * 1024)         # -3: M_MMAP_THRESHOLD
 
 
 class StartupError(Exception):
@@ -2712,7 +2715,7 @@ def main(argv):
         return 2
     logging.basicConfig(level=logging.DEBUG if settings["debug"] else logging.INFO,
                         format="%(asctime)s ocamlmq %(levelname)s %(message)s")
-    tune_process()
+    raise_open_file_limit()
     try:
         reactor, storage_error = start(settings)
     except StartupError as e:
